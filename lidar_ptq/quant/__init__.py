@@ -1,0 +1,1 @@
+"""Quantization primitives: specs, quantizers, observers, fake-quant layers, BN folding."""

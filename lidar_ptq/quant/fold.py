@@ -1,0 +1,64 @@
+"""BatchNorm folding: what a deployment engine runs is conv-with-bias, so quantize that."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def output_channel_axis(module: nn.Module) -> int:
+    """Axis of ``module.weight`` that indexes output channels."""
+    return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+
+
+@torch.no_grad()
+def fold_bn(module: nn.Module, bn: nn.modules.batchnorm._BatchNorm, weight_axis: int | None = None) -> nn.Module:
+    """Fold ``bn`` (running statistics) into ``module``'s weight and bias, in place.
+
+    ``weight_axis`` defaults to the output-channel axis of known layers; pass it
+    for other layers (e.g. 0 for spconv's [out, k..., in] weights).
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    axis = output_channel_axis(module) if weight_axis is None else weight_axis
+    weight = module.weight
+    if getattr(module, "groups", 1) != 1 and axis == 1:
+        raise ValueError("folding BN into a grouped transposed convolution is not supported")
+    if weight.shape[axis] != bn.num_features:
+        raise ValueError(f"BatchNorm has {bn.num_features} channels but the layer has {weight.shape[axis]} outputs")
+    inv_std = torch.rsqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(inv_std)
+    beta = bn.bias if bn.affine else torch.zeros_like(inv_std)
+    factor = gamma * inv_std
+    shape = [1] * weight.dim()
+    shape[axis] = -1
+    weight.mul_(factor.reshape(shape).to(weight.dtype))
+    bias = module.bias if module.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (bias - bn.running_mean) * factor + beta
+    if module.bias is None:
+        module.bias = nn.Parameter(new_bias.to(weight.dtype))
+    else:
+        module.bias.copy_(new_bias)
+    return module
+
+
+def fold_batchnorms(model: nn.Module) -> list[str]:
+    """Fold every BatchNorm that directly follows a foldable layer inside a ``nn.Sequential``.
+
+    The BN is replaced by ``nn.Identity``. Returns the names of the folded BNs.
+    Layers wired outside Sequentials are folded with ``fold_bn`` by the adapter
+    that knows the wiring.
+    """
+    folded: list[str] = []
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for prev, cur in zip(names, names[1:]):
+            layer, bn = seq._modules[prev], seq._modules[cur]
+            if isinstance(layer, FOLDABLE) and isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                fold_bn(layer, bn)
+                seq._modules[cur] = nn.Identity()
+                folded.append(f"{seq_name}.{cur}" if seq_name else cur)
+    return folded

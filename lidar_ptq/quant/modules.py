@@ -1,0 +1,106 @@
+"""Fake-quant twins of torch layers.
+
+Each twin *is* its float layer (a subclass sharing the same parameters, call
+signature and state-dict keys) plus two quantizers named as in NVIDIA ModelOpt:
+``weight_quantizer`` (per output channel) and ``input_quantizer`` (per tensor).
+New layer types join through ``register_quant_module``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import FakeQuantizer, QuantMode
+from .spec import QuantSpec
+
+QUANT_MODULES: "OrderedDict[type, type]" = OrderedDict()
+
+
+def register_quant_module(float_cls: type):
+    """Declare the fake-quant twin of ``float_cls`` (used by ``lidar_ptq.quantize``)."""
+    def wrap(quant_cls: type) -> type:
+        QUANT_MODULES[float_cls] = quant_cls
+        return quant_cls
+    return wrap
+
+
+class QuantModuleMixin:
+    """Adds weight/input quantizers to a float layer without touching its parameters.
+
+    ``weight_axis`` is the output-channel axis of the weight; ``feature_axis`` the
+    channel axis of the input (used by sparse observers to find active sites).
+    """
+
+    weight_axis: int = 0
+    feature_axis: int = 1
+    weight_quantizer: FakeQuantizer
+    input_quantizer: FakeQuantizer
+
+    @classmethod
+    def from_float(cls, module: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec) -> "QuantModuleMixin":
+        """Wrap ``module`` (its parameters are shared, not copied)."""
+        twin = cls.__new__(cls)
+        twin.__dict__.update(module.__dict__)
+        for attr in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
+            if attr in module.__dict__:
+                twin.__dict__[attr] = OrderedDict(module.__dict__[attr])
+        twin.weight_quantizer = FakeQuantizer(weight_spec, channel_axis=cls.weight_axis)
+        twin.input_quantizer = FakeQuantizer(input_spec, channel_axis=cls.feature_axis, feature_axis=cls.feature_axis)
+        twin.to(module.weight.device)
+        return twin
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the integer engine will see it (float during calibration)."""
+        if self.weight_quantizer.mode is QuantMode.CALIBRATE:
+            return self.weight
+        return self.weight_quantizer(self.weight)
+
+    def calibrate_weight(self) -> None:
+        """Weights are static: observe them once, independent of the data."""
+        if self.weight_quantizer.enabled:
+            self.weight_quantizer.observe(self.weight)
+
+
+class _QuantConvForward(QuantModuleMixin):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(input), self.quantized_weight(), self.bias)
+
+
+@register_quant_module(nn.Conv1d)
+class QuantConv1d(_QuantConvForward, nn.Conv1d):
+    pass
+
+
+@register_quant_module(nn.Conv2d)
+class QuantConv2d(_QuantConvForward, nn.Conv2d):
+    pass
+
+
+@register_quant_module(nn.Conv3d)
+class QuantConv3d(_QuantConvForward, nn.Conv3d):
+    pass
+
+
+@register_quant_module(nn.ConvTranspose2d)
+class QuantConvTranspose2d(QuantModuleMixin, nn.ConvTranspose2d):
+    """Transposed conv: weight is [in, out/groups, kH, kW], so output channels are axis 1."""
+
+    weight_axis = 1
+
+    def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
+                                              2, self.dilation)
+        return F.conv_transpose2d(self.input_quantizer(input), self.quantized_weight(), self.bias, self.stride,
+                                  self.padding, output_padding, self.groups, self.dilation)
+
+
+@register_quant_module(nn.Linear)
+class QuantLinear(QuantModuleMixin, nn.Linear):
+    feature_axis = -1
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(input), self.quantized_weight(), self.bias)
