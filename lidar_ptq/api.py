@@ -6,7 +6,7 @@ Every stage is a plain function over a torch model, so the mmdet3d integration
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ def _run_forward_loop(model: nn.Module, forward_loop: ForwardLoop) -> None:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, forward_loop: Optional[ForwardLoop] = None) -> list[str]:
+def calibrate(model: nn.Module, forward_loop: ForwardLoop | None = None) -> list[str]:
     """Run calibration data through ``model`` and set every quantizer's range.
 
     ``forward_loop`` is either ``fn(model)`` that runs the data itself, or an

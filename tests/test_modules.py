@@ -1,7 +1,7 @@
 """Fake-quant twins: float equivalence, shared parameters, state dicts, W8A8 vs W2A2 accuracy."""
 import pytest
 import torch
-from helpers import image_batches, sqnr_db, small_cnn
+from helpers import image_batches, small_cnn, sqnr_db
 from torch import nn
 
 import lidar_ptq

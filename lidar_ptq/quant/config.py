@@ -44,7 +44,7 @@ class QuantConfig:
     overrides: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> "QuantConfig":
+    def from_dict(cls, cfg: Mapping[str, Any]) -> QuantConfig:
         """Validate a plain dict; unknown keys fail with the list of valid ones."""
         unknown = sorted(set(cfg) - _TOP_KEYS)
         if unknown:
@@ -55,11 +55,12 @@ class QuantConfig:
                 raise TypeError(f"override {pattern!r} must be a dict like {{'enable': False}}, got {rule!r}")
             bad = sorted(set(rule) - _OVERRIDE_KEYS)
             if bad:
-                raise KeyError(f"override {pattern!r} has unknown key(s) {bad}; valid keys are {sorted(_OVERRIDE_KEYS)}")
+                raise KeyError(f"override {pattern!r} has unknown key(s) {bad}; "
+                               f"valid keys are {sorted(_OVERRIDE_KEYS)}")
             overrides.append((str(pattern), dict(rule)))
         config = cls(weight=DEFAULT_WEIGHT.updated(cfg.get("weight")),
                      input=DEFAULT_INPUT.updated(cfg.get("input")), overrides=overrides)
-        for pattern, rule in overrides:  # validate override specs eagerly, not at first match
+        for _, rule in overrides:  # validate override specs eagerly, not at first match
             config.weight.updated(rule.get("weight"))
             config.input.updated(rule.get("input"))
         return config

@@ -46,7 +46,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (codes - zero_point) * scale
 
 
-def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                    qmax: int) -> torch.Tensor:
     """Integer codes of ``x`` (int32), as an integer engine would store them."""
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int32)
 

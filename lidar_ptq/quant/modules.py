@@ -8,7 +8,6 @@ New layer types join through ``register_quant_module``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from torch import nn
 from .quantizer import FakeQuantizer, QuantMode
 from .spec import QuantSpec
 
-QUANT_MODULES: "OrderedDict[type, type]" = OrderedDict()
+QUANT_MODULES: OrderedDict[type, type] = OrderedDict()
 
 
 def register_quant_module(float_cls: type):
@@ -41,7 +40,7 @@ class QuantModuleMixin:
     input_quantizer: FakeQuantizer
 
     @classmethod
-    def from_float(cls, module: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec) -> "QuantModuleMixin":
+    def from_float(cls, module: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec) -> QuantModuleMixin:
         """Wrap ``module`` (its parameters are shared, not copied)."""
         twin = cls.__new__(cls)
         twin.__dict__.update(module.__dict__)
@@ -91,7 +90,7 @@ class QuantConvTranspose2d(QuantModuleMixin, nn.ConvTranspose2d):
 
     weight_axis = 1
 
-    def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                               2, self.dilation)
         return F.conv_transpose2d(self.input_quantizer(input), self.quantized_weight(), self.bias, self.stride,

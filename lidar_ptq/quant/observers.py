@@ -10,7 +10,7 @@ distribution-based statistic.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from .functional import fake_quantize, range_to_scale
 from .spec import QuantSpec
 
-OBSERVERS: dict[str, Callable[..., "Observer"]] = {}
+OBSERVERS: dict[str, Callable[..., Observer]] = {}
 
 
 def register_observer(name: str) -> Callable[[type], type]:
@@ -29,7 +29,7 @@ def register_observer(name: str) -> Callable[[type], type]:
     return wrap
 
 
-def build_observer(spec: QuantSpec, channel_axis: Optional[int], feature_axis: int) -> "Observer":
+def build_observer(spec: QuantSpec, channel_axis: int | None, feature_axis: int) -> Observer:
     """Create the observer a spec names; unknown names list the valid ones."""
     if spec.observer not in OBSERVERS:
         raise KeyError(f"unknown observer {spec.observer!r}; registered observers: {sorted(OBSERVERS)}")
@@ -45,7 +45,7 @@ def active_site_mask(x: torch.Tensor, feature_axis: int) -> torch.Tensor:
 class Observer:
     """Base class: turns observed tensors into per-channel rows and a range proposal."""
 
-    def __init__(self, spec: QuantSpec, channel_axis: Optional[int] = None, feature_axis: int = 1,
+    def __init__(self, spec: QuantSpec, channel_axis: int | None = None, feature_axis: int = 1,
                  sparse: bool = False) -> None:
         self.spec = spec
         self.channel_axis = channel_axis
@@ -53,7 +53,7 @@ class Observer:
         self.sparse = sparse
         self.num_observed = 0
 
-    def rows(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def rows(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """View ``x`` as ``[C, N]``: one row per channel, only active sites if sparse."""
         x = x.detach().float()
         if self.sparse or mask is not None:
@@ -76,7 +76,7 @@ class Observer:
             return x.reshape(1, -1)
         return x.movedim(self.channel_axis % x.dim(), 0).reshape(x.shape[self.channel_axis], -1)
 
-    def observe(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+    def observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         rows = self.rows(x, mask)
         if rows.numel() == 0:
             return
@@ -97,8 +97,8 @@ class MinMaxObserver(Observer):
 
     def __init__(self, spec: QuantSpec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
-        self.lo: Optional[torch.Tensor] = None
-        self.hi: Optional[torch.Tensor] = None
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
 
     def _update(self, rows: torch.Tensor) -> None:
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
@@ -129,8 +129,8 @@ class LpSearchObserver(MinMaxObserver):
     weight tensor), per channel.
     """
 
-    def __init__(self, spec: QuantSpec, p: float = 2.4, num_candidates: int = 80, min_ratio: float = 0.2,
-                 max_samples: int = 1 << 20, seed: int = 0, **kwargs) -> None:
+    def __init__(self, spec: QuantSpec, p: float = 2.4, num_candidates: int = 50, min_ratio: float = 0.2,
+                 max_samples: int = 1 << 18, seed: int = 0, **kwargs) -> None:
         super().__init__(spec, **kwargs)
         if not 0 < min_ratio <= 1:
             raise ValueError(f"min_ratio must be in (0, 1], got {min_ratio}")
@@ -139,7 +139,7 @@ class LpSearchObserver(MinMaxObserver):
         self.min_ratio = min_ratio
         self.max_samples = max_samples
         self.generator = torch.Generator().manual_seed(seed)
-        self.samples: Optional[torch.Tensor] = None
+        self.samples: torch.Tensor | None = None
 
     def _update(self, rows: torch.Tensor) -> None:
         super()._update(rows)
@@ -240,7 +240,7 @@ class EntropyObserver(HistogramObserver):
     quantizer has positive levels; the threshold with the smallest KL(P||Q) wins.
     """
 
-    def __init__(self, spec: QuantSpec, start_bin: Optional[int] = None, stride: int = 1, **kwargs) -> None:
+    def __init__(self, spec: QuantSpec, start_bin: int | None = None, stride: int = 1, **kwargs) -> None:
         super().__init__(spec, **kwargs)
         self.start_bin = start_bin
         self.stride = stride
@@ -248,6 +248,9 @@ class EntropyObserver(HistogramObserver):
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._require_data()
         hist = self.hist.copy()
+        # Exact zeros (ReLU outputs, empty sites) pile up in bin 0 and would make the
+        # smallest threshold win; weigh bin 0 like its neighbour instead.
+        hist[0] = hist[1]
         levels = self.spec.qmax + 1
         start = self.start_bin or levels
         best_kl, best_i = float("inf"), self.num_bins

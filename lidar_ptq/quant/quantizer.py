@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,14 +34,14 @@ class FakeQuantizer(nn.Module):
     by ``1/sqrt(N * qmax)`` (Esser et al., 2020).
     """
 
-    def __init__(self, spec: QuantSpec, channel_axis: Optional[int] = None, feature_axis: int = 1) -> None:
+    def __init__(self, spec: QuantSpec, channel_axis: int | None = None, feature_axis: int = 1) -> None:
         super().__init__()
         self.spec = spec
         self.channel_axis = channel_axis if spec.per_channel else None
         self.feature_axis = feature_axis
         self.mode = QuantMode.QUANTIZE
         self.name = ""
-        self.observer: Optional[Observer] = None
+        self.observer: Observer | None = None
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
         if spec.learn_scale:
@@ -81,7 +81,7 @@ class FakeQuantizer(nn.Module):
         self.zero_point = zero_point.to(device)
 
     # ----- calibration -------------------------------------------------------------------
-    def observe(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+    def observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Feed a tensor to this quantizer's observer (created on first use)."""
         if self.observer is None:
             self.observer = build_observer(self.spec, self.channel_axis, self.feature_axis)
@@ -101,7 +101,7 @@ class FakeQuantizer(nn.Module):
     def _broadcast(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return t.reshape(broadcast_shape(t.numel(), x.dim(), self.channel_axis)) if self.channel_axis is not None else t
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.enabled or self.mode is QuantMode.FLOAT:
             return x
         if self.mode is QuantMode.CALIBRATE:

@@ -38,7 +38,7 @@ class QuantSpec:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2 ** self.bits - 1
 
-    def updated(self, changes: Mapping[str, Any] | None) -> "QuantSpec":
+    def updated(self, changes: Mapping[str, Any] | None) -> QuantSpec:
         """Return a copy with ``changes`` applied; unknown keys are a clear error."""
         if not changes:
             return self
