@@ -103,18 +103,31 @@ def test_inverse_conv_with_bias_matches_dense_transpose(mode):
     torch.testing.assert_close(inv.weight.grad.permute(4, 0, 1, 2, 3), w_t.grad, atol=1e-4, rtol=1e-5)
 
 
-def test_compat_is_idempotent_and_leaves_cuda_path_alone():
+def test_compat_is_idempotent():
     from spconv.pytorch import ops
-    first = ops.indice_conv
+    first = ops.indice_conv, ops.indice_conv_backward
     assert enable_spconv_cpu_compat()
-    assert ops.indice_conv is first  # no double wrapping
-    # the wrapper hands CUDA tensors straight to spconv's own function
-    assert ops.indice_conv.__wrapped__ is not None
+    assert (ops.indice_conv, ops.indice_conv_backward) == first  # no double wrapping
 
 
-def test_cpu_backward_failed_before_patch_is_fixed():
-    """Without a CUDA device, spconv's stream query now yields the null stream."""
+def test_cpu_stream_query_returns_null_stream():
+    """spconv's CPU backward asked torch.cuda for a stream; without CUDA it now gets 0."""
     from spconv.pytorch import ops
     if torch.cuda.is_available():
         pytest.skip("only meaningful on CPU-only torch")
     assert ops.get_current_stream() == 0
+
+
+def test_cpu_sparse_conv_is_deterministic_with_threads():
+    """spconv's own CPU kernels gave different features run to run on 2 threads; ours must not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        feats, indices = random_voxels(1)
+        torch.manual_seed(0)
+        conv = spconv.SparseConv3d(4, 6, 3, stride=2, padding=1, indice_key="k")
+        x = spconv.SparseConvTensor(feats, indices, SHAPE, 2)
+        first = conv(x).features
+        assert all(torch.equal(conv(x).features, first) for _ in range(50))
+    finally:
+        torch.set_num_threads(threads)
