@@ -13,10 +13,10 @@ demo: setup
 	$(PY) -m lidar_ptq.demo
 
 test: setup
-	$(PY) -m pytest -m "not slow"
+	LIDAR_PTQ_REQUIRE_STACK=1 $(PY) -m pytest -m "not slow"
 
 test-all: setup
-	$(PY) -m pytest
+	LIDAR_PTQ_REQUIRE_STACK=1 $(PY) -m pytest
 
 lint: setup
 	$(PY) -m ruff check lidar_ptq tests tools

@@ -2,8 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import import_or_skip
 
-spconv = pytest.importorskip("spconv.pytorch")
+spconv = import_or_skip("spconv.pytorch")
 
 from lidar_ptq.quant.spconv_compat import enable_spconv_cpu_compat  # noqa: E402
 
