@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .quant.config import ConfigLike, load_quant_config
 from .quant.modules import QUANT_MODULES, QuantModuleMixin
@@ -70,11 +71,12 @@ def set_quant_mode(model: nn.Module, mode: Union[str, QuantMode]) -> None:
         quantizer.mode = mode
 
 
-def _run_forward_loop(model: nn.Module, forward_loop: ForwardLoop) -> None:
+def _run_forward_loop(model: nn.Module, forward_loop: ForwardLoop, progress: bool) -> None:
     if callable(forward_loop):
         forward_loop(model)
         return
-    for batch in forward_loop:
+    total = len(forward_loop) if hasattr(forward_loop, "__len__") else None
+    for batch in tqdm(forward_loop, total=total, desc="calibrate", unit="batch", disable=not progress):
         if isinstance(batch, (tuple, list)):
             model(*batch)
         elif isinstance(batch, dict):
@@ -84,11 +86,12 @@ def _run_forward_loop(model: nn.Module, forward_loop: ForwardLoop) -> None:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, forward_loop: ForwardLoop | None = None) -> list[str]:
+def calibrate(model: nn.Module, forward_loop: ForwardLoop | None = None, progress: bool = True) -> list[str]:
     """Run calibration data through ``model`` and set every quantizer's range.
 
     ``forward_loop`` is either ``fn(model)`` that runs the data itself, or an
-    iterable of batches (tensor, tuple of args, or dict of kwargs). Weight
+    iterable of batches (tensor, tuple of args, or dict of kwargs; a progress
+    bar is shown unless ``progress=False``). Weight
     ranges need no data. Leaves the model in quantize mode and returns the
     names of activation quantizers that saw no data (they stay uncalibrated).
     """
@@ -97,7 +100,7 @@ def calibrate(model: nn.Module, forward_loop: ForwardLoop | None = None) -> list
     set_quant_mode(model, QuantMode.CALIBRATE)
     try:
         if forward_loop is not None:
-            _run_forward_loop(model, forward_loop)
+            _run_forward_loop(model, forward_loop, progress)
         for module in model.modules():
             if isinstance(module, QuantModuleMixin):
                 module.calibrate_weight()

@@ -86,7 +86,7 @@ def run_demo(w_bits: int = 8, a_bits: int = 8, calib_batches: int = 8, seed: int
         model = tiny_bev_net(seed=seed)
         fold_batchnorms(model)
         quantize(model, {"weight": {"bits": w_bits}, "input": {"bits": a_bits, **input_cfg}})
-        calibrate(model, calib)
+        calibrate(model, calib, progress=False)
         sqnr = sum(sqnr_db(r, model(x)) for r, x in zip(ref_out, test)) / len(test)
         rows.append({"method": method, "w_bits": w_bits, "a_bits": a_bits, "sqnr_db": round(sqnr, 2),
                      "seconds": round(time.perf_counter() - start, 2)})
