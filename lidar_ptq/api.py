@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .batches import call_model
 from .quant.config import ConfigLike, load_quant_config
 from .quant.modules import QUANT_MODULES, QuantModuleMixin
 from .quant.quantizer import FakeQuantizer, QuantMode
@@ -77,12 +78,7 @@ def _run_forward_loop(model: nn.Module, forward_loop: ForwardLoop, progress: boo
         return
     total = len(forward_loop) if hasattr(forward_loop, "__len__") else None
     for batch in tqdm(forward_loop, total=total, desc="calibrate", unit="batch", disable=not progress):
-        if isinstance(batch, (tuple, list)):
-            model(*batch)
-        elif isinstance(batch, dict):
-            model(**batch)
-        else:
-            model(batch)
+        call_model(model, batch)
 
 
 @torch.no_grad()

@@ -42,6 +42,10 @@ class FakeQuantizer(nn.Module):
         self.mode = QuantMode.QUANTIZE
         self.name = ""
         self.observer: Observer | None = None
+        # Reconstruction hooks: a learned rounding (AdaRound/FlexRound) replaces
+        # round-to-nearest; drop_prob < 1 quantizes each element with that probability (QDrop).
+        self.rounding: nn.Module | None = None
+        self.drop_prob = 1.0
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
         if spec.learn_scale:
@@ -109,17 +113,31 @@ class FakeQuantizer(nn.Module):
             return x
         self._require_calibrated()
         scale = self.scale
-        if self.learns_scale and self.training:
+        if self.learns_scale:
             per_scale = x.numel() // max(scale.numel(), 1)
             scale = grad_scale(scale, 1.0 / math.sqrt(per_scale * self.spec.qmax))
-        return fake_quantize(x, self._broadcast(scale, x), self._broadcast(self.zero_point, x),
-                             self.spec.qmin, self.spec.qmax)
+        scale, zero_point = self._broadcast(scale, x), self._broadcast(self.zero_point, x)
+        if self.rounding is not None:
+            out = self.rounding(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
+        else:
+            out = fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
+        if self.drop_prob < 1.0:
+            keep_quantized = torch.rand(x.shape, device=x.device) < self.drop_prob
+            out = torch.where(keep_quantized, out, x)
+        return out
 
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` under the calibrated scale (what an INT8 engine stores)."""
         self._require_calibrated()
         return quantize_to_int(x, self._broadcast(self.scale.detach(), x),
                                self._broadcast(self.zero_point, x), self.spec.qmin, self.spec.qmax)
+
+    def disable_lsq(self) -> None:
+        """Freeze a learned step size back into a buffer."""
+        if self.learns_scale:
+            value = self.scale.detach().clone()
+            del self.scale
+            self.register_buffer("scale", value)
 
     def _require_calibrated(self) -> None:
         if not self.calibrated:

@@ -1,0 +1,1 @@
+"""The generic reconstruction core: units, capture, losses, the optimisation loop, mixed precision."""

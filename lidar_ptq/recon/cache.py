@@ -1,0 +1,167 @@
+"""Captured tensors of a unit: held in RAM, or spilled to a memory-mapped file above a budget.
+
+A ``TensorStore`` holds one tensor field (e.g. a unit's first input) for all
+calibration samples, concatenated along the batch axis. ``capture`` fills stores
+with forward hooks and stops each forward pass right after the unit.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..batches import call_model
+
+
+class TensorStore:
+    """Append batches of one field; index samples later. Spills to disk once ``budget_bytes`` is exceeded."""
+
+    def __init__(self, budget_bytes: float = float("inf"), cache_dir: str | None = None) -> None:
+        self.budget_bytes = budget_bytes
+        self.cache_dir = cache_dir
+        self.chunks: list[torch.Tensor] = []
+        self.nbytes = 0
+        self.num_samples = 0
+        self.sample_shape: tuple[int, ...] | None = None
+        self.dtype: torch.dtype | None = None
+        self._file = None
+        self._path: str | None = None
+        self._memmap: np.ndarray | None = None
+        self._ram: torch.Tensor | None = None
+
+    @property
+    def spilled(self) -> bool:
+        return self._path is not None
+
+    def append(self, batch: torch.Tensor) -> None:
+        batch = batch.detach().to("cpu").contiguous()
+        if self.sample_shape is None:
+            self.sample_shape, self.dtype = tuple(batch.shape[1:]), batch.dtype
+        elif tuple(batch.shape[1:]) != self.sample_shape:
+            raise ValueError(f"captured shapes differ between batches: {tuple(batch.shape[1:])} vs "
+                             f"{self.sample_shape}; reconstruction needs a fixed input size")
+        self.num_samples += batch.shape[0]
+        self.nbytes += batch.numel() * batch.element_size()
+        if self.spilled:
+            self._file.write(batch.numpy().tobytes())
+            return
+        self.chunks.append(batch)
+        if self.nbytes > self.budget_bytes:
+            self._spill()
+
+    def _spill(self) -> None:
+        directory = self.cache_dir or tempfile.gettempdir()
+        os.makedirs(directory, exist_ok=True)
+        fd, self._path = tempfile.mkstemp(prefix="lidar_ptq_cache_", suffix=".bin", dir=directory)
+        self._file = os.fdopen(fd, "wb")
+        for chunk in self.chunks:
+            self._file.write(chunk.numpy().tobytes())
+        self.chunks = []
+
+    def finalize(self) -> TensorStore:
+        if self.spilled:
+            self._file.close()
+            np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+            self._memmap = np.memmap(self._path, dtype=np_dtype, mode="r",
+                                     shape=(self.num_samples, *self.sample_shape))
+        elif self.chunks:
+            self._ram = torch.cat(self.chunks)
+            self.chunks = []
+        return self
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def get(self, index: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Samples at ``index`` (1-D tensor of sample numbers or a slice)."""
+        if self._memmap is not None:
+            idx = index if isinstance(index, slice) else index.cpu().numpy()
+            return torch.from_numpy(np.ascontiguousarray(self._memmap[idx])).to(device)
+        if self._ram is None:
+            raise RuntimeError("store is empty or not finalized")
+        return self._ram[index].to(device)
+
+    def close(self) -> None:
+        """Delete the spill file (if any)."""
+        self._memmap = None
+        if self._path and os.path.exists(self._path):
+            os.remove(self._path)
+        self._path = None
+
+    def __del__(self) -> None:  # spill files never outlive the store
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Captured:
+    """What a unit saw: its positional tensor inputs and its output, one store each."""
+
+    inputs: list[TensorStore] = field(default_factory=list)
+    output: TensorStore | None = None
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        for store in [*self.inputs, self.output]:
+            if store is not None:
+                store.close()
+
+
+def _tensor_args(args: Sequence[Any]) -> list[torch.Tensor]:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if len(tensors) != len(args):
+        raise TypeError("reconstruction units must take tensors as positional inputs")
+    return tensors
+
+
+def capture(model: nn.Module, unit: nn.Module, data: Iterable[Any], *, want_inputs: bool = True,
+            want_output: bool = True, budget_bytes: float = float("inf"), cache_dir: str | None = None,
+            stop_early: bool = True) -> Captured:
+    """Run ``data`` through ``model`` (in its current quant mode) and record ``unit``'s inputs/outputs."""
+    result = Captured()
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        tensors = _tensor_args(args)
+        if want_inputs:
+            if not result.inputs:
+                result.inputs = [TensorStore(budget_bytes, cache_dir) for _ in tensors]
+            for store, tensor in zip(result.inputs, tensors):
+                store.append(tensor)
+        if want_output:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"unit output must be a tensor, got {type(output).__name__}")
+            if result.output is None:
+                result.output = TensorStore(budget_bytes, cache_dir)
+            result.output.append(output)
+        result.batch_sizes.append(tensors[0].shape[0])
+        if stop_early:
+            raise _StopForward
+
+    handle = unit.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for batch in data:
+                try:
+                    call_model(model, batch)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if not result.batch_sizes:
+        raise RuntimeError("the unit was never called by the model on the calibration data")
+    for store in [*result.inputs, result.output]:
+        if store is not None:
+            store.finalize()
+    return result

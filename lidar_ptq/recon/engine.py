@@ -1,0 +1,388 @@
+"""One reconstruction loop for AdaRound, BRECQ, QDrop and FlexRound, chosen by configuration.
+
+For each unit in order: capture its float output (target) and its input from
+the model whose earlier units are already reconstructed (or from the float
+model), then learn the weight rounding (and, optionally, LSQ activation step
+sizes with QDrop) so the quantized unit reproduces the target. Finished units
+keep a hard rounding attached; ``freeze`` writes it into the weights.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..api import iter_quantizers, set_quant_mode
+from ..batches import call_model
+from ..quant.quantizer import QuantMode
+from ..quant.rounding import AdaRound, attach_rounding, bake_rounding
+from .cache import Captured, TensorStore, capture
+from .losses import OutputLoss, TaskLoss, fisher_loss, lp_loss
+from .units import Unit, find_units
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconConfig:
+    """Every knob of the reconstruction; defaults are the published ones (BRECQ/QDrop)."""
+
+    granularity: str = "block"            # "layer" (AdaRound) or "block" (BRECQ/QDrop)
+    unit_names: Sequence[str] | None = None
+    max_block_layers: int = 3
+    rounding: str = "adaround"            # "adaround", "flexround" or "nearest"
+    iterations: int = 20000
+    batch_size: int = 32
+    lr_rounding: float = 1e-3
+    lr_act_scale: float = 4e-5
+    learn_act_scale: bool = True          # LSQ step sizes of the unit's activation quantizers
+    drop_prob: float = 1.0                # QDrop: probability an activation is quantized (1 = BRECQ)
+    round_lambda: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    loss: str = "mse"                     # "mse", "lp" (with p) or "fisher"
+    p: float = 2.0
+    input_from: str = "quantized"         # "quantized" (asymmetric) or "float"
+    task_loss: TaskLoss | None = None     # for loss="fisher"
+    output_loss: OutputLoss | None = None  # loss on the final model output, added to the unit loss
+    output_loss_weight: float = 1.0
+    cache_budget_mb: float = float("inf")
+    cache_dir: str | None = None
+    resume_dir: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {"loss": ("mse", "lp", "fisher"), "input_from": ("quantized", "float"),
+                  "rounding": ("adaround", "flexround", "nearest")}
+        for key, valid in checks.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"ReconConfig.{key}={getattr(self, key)!r}; choose from {valid}")
+        if not 0.0 < self.drop_prob <= 1.0:
+            raise ValueError(f"drop_prob must be in (0, 1], got {self.drop_prob}")
+        if self.loss == "fisher" and self.task_loss is None:
+            raise ValueError("loss='fisher' needs task_loss=fn(model_output, batch)")
+
+    @classmethod
+    def from_method(cls, method: str, **overrides: Any) -> ReconConfig:
+        """Config of a named method (``adaround``, ``brecq``, ``qdrop``, ``flexround``) plus overrides."""
+        if method not in RECON_METHODS:
+            raise KeyError(f"unknown reconstruction method {method!r}; choose from {sorted(RECON_METHODS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise KeyError(f"unknown reconstruction setting(s) {unknown}; valid: {sorted(known)}")
+        return cls(**{**RECON_METHODS[method], **overrides})
+
+
+RECON_METHODS: dict[str, dict[str, Any]] = {
+    "adaround": {"granularity": "layer", "rounding": "adaround", "learn_act_scale": False, "drop_prob": 1.0},
+    "brecq": {"granularity": "block", "rounding": "adaround", "learn_act_scale": True, "drop_prob": 1.0},
+    "qdrop": {"granularity": "block", "rounding": "adaround", "learn_act_scale": True, "drop_prob": 0.5},
+    "flexround": {"granularity": "block", "rounding": "flexround", "learn_act_scale": True, "drop_prob": 0.5},
+}
+
+
+@dataclass
+class UnitReport:
+    name: str
+    layers: int
+    first_loss: float
+    final_loss: float
+    seconds: float
+
+
+@dataclass
+class ReconReport:
+    units: list[UnitReport] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _beta(step: int, cfg: ReconConfig) -> float | None:
+    """AdaRound's annealed exponent: None during warm-up (no regulariser), then start -> end."""
+    warm = int(cfg.warmup * cfg.iterations)
+    if step < warm:
+        return None
+    progress = (step - warm) / max(cfg.iterations - warm, 1)
+    return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - progress)
+
+
+def _capture_output_grads(model: nn.Module, unit: nn.Module, data: Sequence[Any], task_loss: TaskLoss,
+                          budget: float, cache_dir: str | None) -> TensorStore:
+    """Gradient of the task loss w.r.t. the unit's float output, per sample (Fisher weights)."""
+    store = TensorStore(budget, cache_dir)
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        leaf = output.detach().requires_grad_(True)
+        leaf.register_hook(lambda g: store.append(g))
+        return leaf
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handle = unit.register_forward_hook(hook)
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for batch in data:
+                task_loss(call_model(model, batch), batch).backward()
+    finally:
+        handle.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return store.finalize()
+
+
+class _UnitOptimiser:
+    """Learnable state of one unit: rounding variables and (optionally) LSQ activation steps."""
+
+    def __init__(self, unit: Unit, cfg: ReconConfig) -> None:
+        self.unit, self.cfg = unit, cfg
+        self.layers = unit.quant_layers()
+        # float weights and biases stay fixed; only quantization state (attached below) learns
+        self.frozen = [p for p in unit.module.parameters() if p.requires_grad]
+        for p in self.frozen:
+            p.requires_grad_(False)
+        self.roundings = [attach_rounding(layer.weight_quantizer, layer.weight, cfg.rounding)
+                          for layer in self.layers]
+        self.act_quantizers = [q for q in unit.activation_quantizers() if q.enabled and q.calibrated]
+        for q in self.act_quantizers:
+            if cfg.learn_act_scale:
+                q.enable_lsq()
+            q.drop_prob = cfg.drop_prob
+        round_params = [p for r in self.roundings if r is not None for p in r.parameters()]
+        act_params = [q.scale for q in self.act_quantizers if q.learns_scale]
+        self.optimisers: list[torch.optim.Optimizer] = []
+        self.schedulers: list[Any] = []
+        if round_params:
+            self.optimisers.append(torch.optim.Adam(round_params, lr=cfg.lr_rounding))
+        if act_params:
+            opt = torch.optim.Adam(act_params, lr=cfg.lr_act_scale)
+            self.optimisers.append(opt)
+            self.schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iterations,
+                                                                              eta_min=0.0))
+
+    @property
+    def has_parameters(self) -> bool:
+        return bool(self.optimisers)
+
+    def regulariser(self, beta: float | None) -> torch.Tensor | float:
+        if beta is None:
+            return 0.0
+        return sum(r.regularizer(beta) for r in self.roundings if isinstance(r, AdaRound))
+
+    def step(self, loss: torch.Tensor) -> None:
+        for opt in self.optimisers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in self.optimisers:
+            opt.step()
+        for sched in self.schedulers:
+            sched.step()
+
+    def finish(self) -> None:
+        """Hard rounding from now on; learned steps become buffers again; drop off."""
+        for r in self.roundings:
+            if r is not None:
+                r.hard = True
+                r.requires_grad_(False)
+        for q in self.act_quantizers:
+            q.drop_prob = 1.0
+            q.disable_lsq()
+        for p in self.frozen:
+            p.requires_grad_(True)
+
+
+def _unit_loss(cfg: ReconConfig, out: torch.Tensor, target: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    if cfg.loss == "fisher":
+        return fisher_loss(out, target, grad)
+    return lp_loss(out, target, 2.0 if cfg.loss == "mse" else cfg.p)
+
+
+def _optimise_unit(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: ReconConfig, target: Captured,
+                   inputs_q: Captured | None, grads: TensorStore | None, device: torch.device) -> UnitReport:
+    start = time.perf_counter()
+    state = _UnitOptimiser(unit, cfg)
+    inputs_fp = target.inputs
+    n = len(target.output)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    offsets = torch.tensor([0, *target.batch_sizes]).cumsum(0).tolist()
+    first = last = float("nan")
+    iterations = cfg.iterations if state.has_parameters else 0
+    bar = tqdm(range(iterations), desc=f"recon {unit.name}", disable=not cfg.progress, leave=False)
+    for step in bar:
+        beta = _beta(step, cfg)
+        if cfg.output_loss is not None:
+            loss = _output_loss_step(model, unit, data, cfg, target, offsets, step, device)
+        else:
+            idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+            args = _unit_inputs(inputs_q, inputs_fp, idx, cfg, device)
+            out = unit.module(*args)
+            loss = _unit_loss(cfg, out, target.output.get(idx, device), grads.get(idx, device) if grads else None)
+        total = loss + cfg.round_lambda * state.regulariser(beta)
+        state.step(total)
+        last = float(loss.detach())
+        first = last if step == 0 else first
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{last:.4g}", beta="-" if beta is None else f"{beta:.1f}")
+    state.finish()
+    return UnitReport(unit.name, len(state.layers), first, last, round(time.perf_counter() - start, 2))
+
+
+def _unit_inputs(inputs_q: Captured | None, inputs_fp: list[TensorStore], idx: torch.Tensor, cfg: ReconConfig,
+                 device: torch.device) -> list[torch.Tensor]:
+    fp = [store.get(idx, device) for store in inputs_fp]
+    if inputs_q is None:
+        return fp
+    q = [store.get(idx, device) for store in inputs_q.inputs]
+    if cfg.drop_prob >= 1.0:
+        return q
+    # QDrop: mix the quantized-path and float-path inputs element-wise with probability p
+    return [torch.where(torch.rand(a.shape, device=device) < cfg.drop_prob, a, b) for a, b in zip(q, fp)]
+
+
+def _output_loss_step(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: ReconConfig, target: Captured,
+                      offsets: list[int], step: int, device: torch.device) -> torch.Tensor:
+    """Full-model step: unit loss on the captured output + an output loss against the float model."""
+    b = step % len(data)
+    batch = data[b]
+    with torch.no_grad():
+        set_quant_mode(model, QuantMode.FLOAT)
+        float_out = call_model(model, batch)
+        set_quant_mode(model, QuantMode.QUANTIZE)
+    seen: dict[str, torch.Tensor] = {}
+    handle = unit.module.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
+    try:
+        quant_out = call_model(model, batch)
+    finally:
+        handle.remove()
+    unit_target = target.output.get(slice(offsets[b], offsets[b + 1]), device)
+    unit_loss = _unit_loss(cfg, seen["out"], unit_target, None) if cfg.loss != "fisher" else 0.0
+    return unit_loss + cfg.output_loss_weight * cfg.output_loss(quant_out, float_out, batch)
+
+
+def _resume_path(cfg: ReconConfig) -> str | None:
+    return os.path.join(cfg.resume_dir, "recon_state.pth") if cfg.resume_dir else None
+
+
+def _save_resume(model: nn.Module, finished: list[str], reports: list[UnitReport], cfg: ReconConfig) -> None:
+    path = _resume_path(cfg)
+    if path is None:
+        return
+    os.makedirs(cfg.resume_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"finished": finished, "model": model.state_dict(), "reports": [asdict(r) for r in reports],
+                "rounding": cfg.rounding}, tmp)
+    os.replace(tmp, path)  # atomic: a kill never leaves half a file
+
+
+def _load_resume(model: nn.Module, units: list[Unit], cfg: ReconConfig) -> tuple[list[str], list[UnitReport]]:
+    path = _resume_path(cfg)
+    if path is None or not os.path.isfile(path):
+        return [], []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["rounding"] != cfg.rounding:
+        raise ValueError(f"resume state in {path} was made with rounding={state['rounding']!r}, "
+                         f"not {cfg.rounding!r}; use another resume_dir or delete it")
+    finished = list(state["finished"])
+    by_name = {u.name: u for u in units}
+    for name in finished:  # recreate the learned state so the saved tensors have somewhere to go
+        if name not in by_name:
+            raise ValueError(f"resume state in {path} names unit {name!r} that this model does not have")
+        opt = _UnitOptimiser(by_name[name], replace(cfg, progress=False))
+        opt.finish()
+    for _, q in iter_quantizers(model):
+        if q.learns_scale:
+            q.disable_lsq()
+    model.load_state_dict(state["model"])
+    logger.info("resuming reconstruction: %d unit(s) already done", len(finished))
+    return finished, [UnitReport(**r) for r in state["reports"]]
+
+
+def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | None = None,
+                **overrides: Any) -> ReconReport:
+    """Reconstruct ``model`` (quantized and calibrated) unit by unit on calibration ``data``.
+
+    ``data`` is an iterable of batches (tensor, tuple or dict, as for ``calibrate``);
+    it is materialised once since every unit needs it again. Returns per-unit losses.
+    """
+    cfg = replace(config or ReconConfig(), **overrides) if overrides else (config or ReconConfig())
+    data = list(data)
+    if not data:
+        raise ValueError("reconstruction needs calibration data: got an empty iterable")
+    uncalibrated = [n for n, q in iter_quantizers(model) if q.enabled and not q.calibrated]
+    if uncalibrated:
+        raise RuntimeError(f"run lidar_ptq.calibrate(model, data) before reconstruct(); uncalibrated: "
+                           f"{uncalibrated[:5]}{' ...' if len(uncalibrated) > 5 else ''}")
+    units = find_units(model, cfg.granularity, cfg.unit_names, cfg.max_block_layers)
+    if not units:
+        raise RuntimeError("no reconstruction unit found: quantize the model first")
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    budget = cfg.cache_budget_mb * 2**20
+    report = ReconReport()
+    finished, report.units = _load_resume(model, units, cfg)
+    report.resumed = list(finished)
+    try:
+        for index, unit in enumerate(units):
+            if unit.name in finished:
+                continue
+            torch.manual_seed(cfg.seed + index)
+            set_quant_mode(model, QuantMode.FLOAT)
+            target = capture(model, unit.module, data, budget_bytes=budget, cache_dir=cfg.cache_dir)
+            grads = (_capture_output_grads(model, unit.module, data, cfg.task_loss, budget, cfg.cache_dir)
+                     if cfg.loss == "fisher" else None)
+            set_quant_mode(model, QuantMode.QUANTIZE)
+            inputs_q = (capture(model, unit.module, data, want_output=False, budget_bytes=budget,
+                                cache_dir=cfg.cache_dir) if cfg.input_from == "quantized" else None)
+            try:
+                unit_report = _optimise_unit(model, unit, data, replace(cfg, seed=cfg.seed + index), target,
+                                             inputs_q, grads, device)
+            finally:
+                for c in (target, inputs_q):
+                    if c is not None:
+                        c.close()
+                if grads is not None:
+                    grads.close()
+            report.units.append(unit_report)
+            finished.append(unit.name)
+            logger.info("unit %s: loss %.4g -> %.4g (%d layers, %.1fs)", unit.name, unit_report.first_loss,
+                        unit_report.final_loss, unit_report.layers, unit_report.seconds)
+            _save_resume(model, finished, report.units, cfg)
+    finally:
+        set_quant_mode(model, QuantMode.QUANTIZE)
+        model.train(was_training)
+    return report
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Write every learned hard rounding into its weight (exactly on the integer grid) and drop it.
+
+    After this the model is a plain calibrated fake-quant model: its state dict
+    loads into ``quantize(fresh_model, config)`` and exporters read integer codes
+    with nearest rounding. Float mode then runs the on-grid weights.
+    """
+    for module in model.modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if quantizer is not None and quantizer.rounding is not None:
+            bake_rounding(quantizer, module.weight)
+    return model
+
+
+def num_finite(values: Iterable[float]) -> int:
+    return sum(1 for v in values if math.isfinite(v))

@@ -1,0 +1,39 @@
+"""Reconstruction losses on a unit's output, and task losses for Fisher weighting.
+
+Reduction follows BRECQ: sum over the channel axis, mean over samples and
+positions, so the rounding regulariser's lambda keeps its published meaning.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+# fn(quantized_model_output, float_model_output, batch) -> scalar; TGPL plugs in here.
+OutputLoss = Callable[[Any, Any, Any], torch.Tensor]
+# fn(model_output, batch) -> scalar; its gradient w.r.t. a unit output gives BRECQ's Fisher weights.
+TaskLoss = Callable[[Any, Any], torch.Tensor]
+
+
+def lp_loss(output: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """|output - target|^p summed over channels (axis 1), averaged over everything else."""
+    diff = (output - target).abs().pow(p)
+    return diff.sum(1).mean() if diff.dim() > 1 else diff.mean()
+
+
+def fisher_loss(output: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Squared error weighted by the squared task-loss gradient (diagonal Fisher, BRECQ)."""
+    weighted = ((output - target) * grad).pow(2)
+    return weighted.sum(1).mean() if weighted.dim() > 1 else weighted.mean()
+
+
+def self_label_cross_entropy(output: torch.Tensor, batch: Any) -> torch.Tensor:
+    """Label-free classification task loss: cross-entropy against the model's own prediction."""
+    return F.cross_entropy(output, output.detach().argmax(dim=1))
+
+
+def output_kl_loss(quant_output: torch.Tensor, float_output: torch.Tensor, batch: Any) -> torch.Tensor:
+    """KL(float || quantized) of classifier logits: an output loss for classification models."""
+    return F.kl_div(F.log_softmax(quant_output, 1), F.log_softmax(float_output, 1), log_target=True,
+                    reduction="batchmean")
