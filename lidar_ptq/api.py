@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .batches import call_model
+from .quant import attention as _attention  # noqa: F401  (registers the attention twin)
 from .quant.config import ConfigLike, load_quant_config
 from .quant.modules import QUANT_MODULES, QuantModuleMixin
 from .quant.quantizer import FakeQuantizer, QuantMode
@@ -43,7 +44,7 @@ def quantize(model: nn.Module, config: ConfigLike = None) -> nn.Module:
             if not plan.enable:
                 logger.info("keeping %s in float (config override)", full_name)
                 continue
-            setattr(parent, child_name, twin_cls.from_float(child, plan.weight, plan.input))
+            setattr(parent, child_name, twin_cls.from_float(child, plan.weight, plan.input, plan.roles))
             swapped += 1
     if swapped == 0:
         logger.warning("quantize(): no supported layer found (supported: %s)",

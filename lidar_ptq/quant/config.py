@@ -24,8 +24,15 @@ from .spec import QuantSpec
 
 DEFAULT_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, per_channel=True, observer="minmax")
 DEFAULT_INPUT = QuantSpec(bits=8, signed=True, symmetric=True, per_channel=False, observer="minmax")
-_TOP_KEYS = {"weight", "input", "overrides"}
-_OVERRIDE_KEYS = {"weight", "input", "enable"}
+# Extra activation roles some twins have (attention). Each is the module's input spec with these
+# changes on top, so "input": {"bits": 4} also moves them unless they are set explicitly.
+DEFAULT_ROLES: dict[str, dict[str, Any]] = {
+    "attention": {},                   # operands of Q.K^T and attn.V
+    "softmax": {"signed": False},      # attention probabilities, in [0, 1]
+}
+_SPEC_KEYS = {"weight", "input", *DEFAULT_ROLES}
+_TOP_KEYS = {*_SPEC_KEYS, "overrides"}
+_OVERRIDE_KEYS = {*_SPEC_KEYS, "enable"}
 
 
 @dataclass
@@ -35,12 +42,14 @@ class ModuleQuantPlan:
     enable: bool
     weight: QuantSpec
     input: QuantSpec
+    roles: dict[str, QuantSpec] = field(default_factory=dict)
 
 
 @dataclass
 class QuantConfig:
     weight: QuantSpec = DEFAULT_WEIGHT
     input: QuantSpec = DEFAULT_INPUT
+    roles: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_ROLES))
     overrides: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     @classmethod
@@ -58,25 +67,33 @@ class QuantConfig:
                 raise KeyError(f"override {pattern!r} has unknown key(s) {bad}; "
                                f"valid keys are {sorted(_OVERRIDE_KEYS)}")
             overrides.append((str(pattern), dict(rule)))
+        roles = {role: {**updates, **dict(cfg.get(role) or {})} for role, updates in DEFAULT_ROLES.items()}
         config = cls(weight=DEFAULT_WEIGHT.updated(cfg.get("weight")),
-                     input=DEFAULT_INPUT.updated(cfg.get("input")), overrides=overrides)
+                     input=DEFAULT_INPUT.updated(cfg.get("input")), roles=roles, overrides=overrides)
+        config.plan_for("")  # validates the role settings
         for _, rule in overrides:  # validate override specs eagerly, not at first match
             config.weight.updated(rule.get("weight"))
             config.input.updated(rule.get("input"))
+            for role in DEFAULT_ROLES:
+                config.input.updated(rule.get(role))
         return config
 
     def plan_for(self, module_name: str) -> ModuleQuantPlan:
         """Resolve defaults and every matching override (later ones win) for a module."""
         plan = ModuleQuantPlan(enable=True, weight=self.weight, input=self.input)
+        role_updates = copy.deepcopy(self.roles)
         for pattern, rule in self.overrides:
             if fnmatch.fnmatchcase(module_name, pattern):
                 plan.enable = bool(rule.get("enable", plan.enable))
                 plan.weight = plan.weight.updated(rule.get("weight"))
                 plan.input = plan.input.updated(rule.get("input"))
+                for role in role_updates:
+                    role_updates[role].update(rule.get(role) or {})
+        plan.roles = {role: plan.input.updated(updates) for role, updates in role_updates.items()}
         return plan
 
     def to_dict(self) -> dict[str, Any]:
-        return {"weight": self.weight.to_dict(), "input": self.input.to_dict(),
+        return {"weight": self.weight.to_dict(), "input": self.input.to_dict(), **copy.deepcopy(self.roles),
                 "overrides": {p: copy.deepcopy(r) for p, r in self.overrides}}
 
 

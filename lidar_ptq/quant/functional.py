@@ -46,6 +46,18 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (codes - zero_point) * scale
 
 
+def fake_quantize_log2(x: torch.Tensor, amax: torch.Tensor, levels: int) -> torch.Tensor:
+    """Log2 quantization of non-negative values: x ~ amax * 2^-code, code in [0, levels - 1].
+
+    Suits long-tailed softmax outputs: fine steps near 0, coarse near 1. Codes past
+    the last level become exactly 0 (the most common attention weight). STE gradient.
+    """
+    ratio = (x / amax).clamp(min=0)
+    code = round_ste(-torch.log2(ratio.clamp(min=2.0 ** -(levels + 1))))
+    value = amax * torch.pow(2.0, -code.clamp(min=0))
+    return torch.where(code > levels - 1, torch.zeros_like(value), value)
+
+
 def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                     qmax: int) -> torch.Tensor:
     """Integer codes of ``x`` (int32), as an integer engine would store them."""

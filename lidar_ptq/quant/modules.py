@@ -36,12 +36,16 @@ class QuantModuleMixin:
 
     weight_axis: int = 0
     feature_axis: int = 1
+    weight_name: str = "weight"
     weight_quantizer: FakeQuantizer
     input_quantizer: FakeQuantizer
 
     @classmethod
-    def from_float(cls, module: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec) -> QuantModuleMixin:
-        """Wrap ``module`` (its parameters are shared, not copied)."""
+    def from_float(cls, module: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec,
+                   roles: dict[str, QuantSpec] | None = None) -> QuantModuleMixin:
+        """Wrap ``module`` (its parameters are shared, not copied).
+
+        ``roles`` carries specs of extra activation quantizers some twins have (attention)."""
         twin = cls.__new__(cls)
         twin.__dict__.update(module.__dict__)
         for attr in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
@@ -49,19 +53,28 @@ class QuantModuleMixin:
                 twin.__dict__[attr] = OrderedDict(module.__dict__[attr])
         twin.weight_quantizer = FakeQuantizer(weight_spec, channel_axis=cls.weight_axis)
         twin.input_quantizer = FakeQuantizer(input_spec, channel_axis=cls.feature_axis, feature_axis=cls.feature_axis)
-        twin.to(module.weight.device)
+        twin._init_extra_quantizers(roles or {}, input_spec)
+        twin.to(twin.float_weight.device)
         return twin
+
+    def _init_extra_quantizers(self, roles: dict[str, QuantSpec], input_spec: QuantSpec) -> None:
+        """Twins with more than weight/input quantizers create them here."""
+
+    @property
+    def float_weight(self) -> nn.Parameter:
+        """The parameter the weight quantizer quantizes."""
+        return getattr(self, self.weight_name)
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the integer engine will see it (float during calibration)."""
         if self.weight_quantizer.mode is QuantMode.CALIBRATE:
-            return self.weight
-        return self.weight_quantizer(self.weight)
+            return self.float_weight
+        return self.weight_quantizer(self.float_weight)
 
     def calibrate_weight(self) -> None:
         """Weights are static: observe them once, independent of the data."""
         if self.weight_quantizer.enabled:
-            self.weight_quantizer.observe(self.weight)
+            self.weight_quantizer.observe(self.float_weight)
 
 
 class _QuantConvForward(QuantModuleMixin):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functional import broadcast_shape, fake_quantize, grad_scale, quantize_to_int, range_to_scale
+from .functional import broadcast_shape, fake_quantize, fake_quantize_log2, grad_scale, quantize_to_int, range_to_scale
 from .observers import Observer, build_observer
 from .spec import QuantSpec
 
@@ -117,7 +117,9 @@ class FakeQuantizer(nn.Module):
             per_scale = x.numel() // max(scale.numel(), 1)
             scale = grad_scale(scale, 1.0 / math.sqrt(per_scale * self.spec.qmax))
         scale, zero_point = self._broadcast(scale, x), self._broadcast(self.zero_point, x)
-        if self.rounding is not None:
+        if self.spec.scheme == "log2":
+            out = fake_quantize_log2(x, scale * self.spec.qmax, 2 ** self.spec.bits)
+        elif self.rounding is not None:
             out = self.rounding(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
         else:
             out = fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax)

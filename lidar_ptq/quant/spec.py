@@ -22,11 +22,14 @@ class QuantSpec:
     observer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     learn_scale: bool = False
     enable: bool = True
+    scheme: str = "uniform"  # "uniform" or "log2" (powers of two below amax, for softmax outputs)
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an integer in [2, 8], got {self.bits!r}; "
                              "disable the quantizer (enable=False) to keep a tensor in float")
+        if self.scheme not in ("uniform", "log2"):
+            raise ValueError(f"scheme must be 'uniform' or 'log2', got {self.scheme!r}")
         if not isinstance(self.observer_kwargs, Mapping):
             raise TypeError(f"observer_kwargs must be a mapping, got {type(self.observer_kwargs).__name__}")
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..api import iter_quantizers, set_quant_mode
 from ..batches import call_model
+from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import QuantMode
 from ..quant.rounding import AdaRound, attach_rounding, bake_rounding
 from .cache import Captured, TensorStore, capture
@@ -157,7 +158,7 @@ class _UnitOptimiser:
         self.frozen = [p for p in unit.module.parameters() if p.requires_grad]
         for p in self.frozen:
             p.requires_grad_(False)
-        self.roundings = [attach_rounding(layer.weight_quantizer, layer.weight, cfg.rounding)
+        self.roundings = [attach_rounding(layer.weight_quantizer, layer.float_weight, cfg.rounding)
                           for layer in self.layers]
         self.act_quantizers = [q for q in unit.activation_quantizers() if q.enabled and q.calibrated]
         for q in self.act_quantizers:
@@ -378,9 +379,8 @@ def freeze(model: nn.Module) -> nn.Module:
     with nearest rounding. Float mode then runs the on-grid weights.
     """
     for module in model.modules():
-        quantizer = getattr(module, "weight_quantizer", None)
-        if quantizer is not None and quantizer.rounding is not None:
-            bake_rounding(quantizer, module.weight)
+        if isinstance(module, QuantModuleMixin) and module.weight_quantizer.rounding is not None:
+            bake_rounding(module.weight_quantizer, module.float_weight)
     return model
 
 

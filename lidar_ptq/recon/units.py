@@ -61,10 +61,14 @@ def find_units(model: nn.Module, granularity: str = "block", names: Sequence[str
         if missing:
             raise KeyError(f"unit name(s) {missing} not found in the model")
         return [Unit(n, modules[n]) for n in names]
-    if granularity == "layer":
-        return [Unit(n, m) for n, m in model.named_modules() if isinstance(m, QuantModuleMixin)]
-    if granularity == "block":
+    if granularity == "layer":  # a layer nested in another (attention's out_proj) goes with its parent
         units: list[Unit] = []
+        for n, m in model.named_modules():
+            if isinstance(m, QuantModuleMixin) and not any(n.startswith(u.name + ".") for u in units):
+                units.append(Unit(n, m))
+        return units
+    if granularity == "block":
+        units = []
         if isinstance(model, QuantModuleMixin):
             return [Unit("", model)]
         _split("", model, max_block_layers, units)
