@@ -112,6 +112,7 @@ class Captured:
     inputs: list[TensorStore] = field(default_factory=list)
     output: TensorStore | None = None
     batch_sizes: list[int] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constant non-tensor keyword arguments
 
     def close(self) -> None:
         for store in [*self.inputs, self.output]:
@@ -126,13 +127,26 @@ def _tensor_args(args: Sequence[Any]) -> list[torch.Tensor]:
     return tensors
 
 
+def primary_output(output: Any) -> torch.Tensor:
+    """The tensor a unit is judged on: the output itself, or the first element of a tuple
+    (``nn.MultiheadAttention`` returns (output, weights))."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"unit output must be a tensor or a tuple starting with one, got {type(output).__name__}")
+    return output
+
+
 def capture(model: nn.Module, unit: nn.Module, data: Iterable[Any], *, want_inputs: bool = True,
             want_output: bool = True, budget_bytes: float = float("inf"), cache_dir: str | None = None,
             stop_early: bool = True) -> Captured:
     """Run ``data`` through ``model`` (in its current quant mode) and record ``unit``'s inputs/outputs."""
     result = Captured()
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            raise TypeError("reconstruction units must take tensors as positional inputs, not keywords")
+        result.kwargs = dict(kwargs)
         tensors = _tensor_args(args)
         if want_inputs:
             if not result.inputs:
@@ -140,16 +154,14 @@ def capture(model: nn.Module, unit: nn.Module, data: Iterable[Any], *, want_inpu
             for store, tensor in zip(result.inputs, tensors):
                 store.append(tensor)
         if want_output:
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"unit output must be a tensor, got {type(output).__name__}")
             if result.output is None:
                 result.output = TensorStore(budget_bytes, cache_dir)
-            result.output.append(output)
+            result.output.append(primary_output(output))
         result.batch_sizes.append(tensors[0].shape[0])
         if stop_early:
             raise _StopForward
 
-    handle = unit.register_forward_hook(hook)
+    handle = unit.register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             for batch in data:

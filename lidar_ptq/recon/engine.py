@@ -25,7 +25,7 @@ from ..batches import call_model
 from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import QuantMode
 from ..quant.rounding import AdaRound, attach_rounding, bake_rounding
-from .cache import Captured, TensorStore, capture
+from .cache import Captured, TensorStore, capture, primary_output
 from .losses import OutputLoss, TaskLoss, fisher_loss, lp_loss
 from .units import Unit, find_units
 
@@ -128,10 +128,10 @@ def _capture_output_grads(model: nn.Module, unit: nn.Module, data: Sequence[Any]
     """Gradient of the task loss w.r.t. the unit's float output, per sample (Fisher weights)."""
     store = TensorStore(budget, cache_dir)
 
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        leaf = output.detach().requires_grad_(True)
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        leaf = primary_output(output).detach().requires_grad_(True)
         leaf.register_hook(lambda g: store.append(g))
-        return leaf
+        return (leaf, *output[1:]) if isinstance(output, (tuple, list)) else leaf
 
     flags = {p: p.requires_grad for p in model.parameters()}
     handle = unit.register_forward_hook(hook)
@@ -222,7 +222,7 @@ def _optimise_unit(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: Recon
     n = len(target.output)
     gen = torch.Generator().manual_seed(cfg.seed)
     offsets = torch.tensor([0, *target.batch_sizes]).cumsum(0).tolist()
-    first = last = float("nan")
+    losses: list[float] = []
     iterations = cfg.iterations if state.has_parameters else 0
     bar = tqdm(range(iterations), desc=f"recon {unit.name}", disable=not cfg.progress, leave=False)
     for step in bar:
@@ -232,15 +232,18 @@ def _optimise_unit(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: Recon
         else:
             idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
             args = _unit_inputs(inputs_q, inputs_fp, idx, cfg, device)
-            out = unit.module(*args)
+            out = primary_output(unit.module(*args, **target.kwargs))
             loss = _unit_loss(cfg, out, target.output.get(idx, device), grads.get(idx, device) if grads else None)
         total = loss + cfg.round_lambda * state.regulariser(beta)
         state.step(total)
-        last = float(loss.detach())
-        first = last if step == 0 else first
+        losses.append(float(loss.detach()))
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{last:.4g}", beta="-" if beta is None else f"{beta:.1f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", beta="-" if beta is None else f"{beta:.1f}")
     state.finish()
+    # mean of the first and last few steps: single minibatch losses are too noisy to compare
+    window = max(1, min(20, len(losses) // 5))
+    first = sum(losses[:window]) / window if losses else float("nan")
+    last = sum(losses[-window:]) / window if losses else float("nan")
     return UnitReport(unit.name, len(state.layers), first, last, round(time.perf_counter() - start, 2))
 
 
@@ -266,7 +269,7 @@ def _output_loss_step(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: Re
         float_out = call_model(model, batch)
         set_quant_mode(model, QuantMode.QUANTIZE)
     seen: dict[str, torch.Tensor] = {}
-    handle = unit.module.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
+    handle = unit.module.register_forward_hook(lambda m, a, o: seen.__setitem__("out", primary_output(o)))
     try:
         quant_out = call_model(model, batch)
     finally:

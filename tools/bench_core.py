@@ -1,0 +1,175 @@
+"""Benchmark of the generic reconstruction core on the digits ResNet and ViT.
+
+For each model and bit setting: FP32, round-to-nearest with min-max ranges
+(`rtn_minmax`), round-to-nearest with MSE ranges (`rtn_mse`), AdaRound, BRECQ,
+QDrop, FlexRound, plus one mixed-precision row (average 3-bit weights, QDrop).
+Rows are appended to ``benchmarks/core.json`` as they finish, so a killed run
+continues where it stopped; ``benchmarks/core.md`` is rewritten from the JSON.
+
+Usage: python tools/bench_core.py [--iterations 1000] [--models resnet vit] [--fresh]
+(train the models first: python tools/train_digits.py --model resnet|vit)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lidar_ptq
+from lidar_ptq.recon.engine import ReconConfig, reconstruct
+from lidar_ptq.recon.mixed import allocate_bits, layer_sensitivity
+from lidar_ptq.zoo.digits import MODELS, accuracy, load_digits_split
+
+SETTINGS = [(8, 8), (4, 8), (4, 4), (2, 4)]
+RECON = ["adaround", "brecq", "qdrop", "flexround"]
+# First and last layers stay 8-bit, as in the BRECQ/QDrop papers.
+KEEP_8BIT = {"resnet": ["stem.0", "fc"], "vit": ["patch", "head"]}
+
+
+def quant_config(model_name: str, w_bits: int, a_bits: int, observer: str,
+                 extra: dict[str, Any] | None = None, softmax: dict[str, Any] | None = None) -> dict[str, Any]:
+    obs_kwargs = {"p": 2.0} if observer == "lp_search" else {}
+    cfg: dict[str, Any] = {
+        # Asymmetric weights and activations, as in the BRECQ/QDrop/FlexRound papers: a 2-bit symmetric
+        # signed grid {-2,-1,0,1} is lopsided, and post-ReLU/post-GELU activations are one-sided.
+        "weight": {"bits": w_bits, "observer": observer, "observer_kwargs": obs_kwargs, "symmetric": False},
+        "input": {"bits": a_bits, "observer": observer, "observer_kwargs": obs_kwargs, "symmetric": False},
+        "overrides": {name: {"weight": {"bits": 8}, "input": {"bits": 8}} for name in KEEP_8BIT[model_name]},
+    }
+    if softmax:
+        cfg["softmax"] = softmax
+    cfg["overrides"].update(extra or {})
+    return cfg
+
+
+def prepare(model_name: str, state: dict, cfg: dict, calib: list[torch.Tensor]) -> torch.nn.Module:
+    model = MODELS[model_name]()
+    model.load_state_dict(state)
+    model.eval()
+    lidar_ptq.fold_batchnorms(model)
+    lidar_ptq.quantize(model, cfg)
+    lidar_ptq.calibrate(model, calib, progress=False)
+    return model
+
+
+def run_row(model_name: str, method: str, w: int, a: int, state: dict, data: dict, calib: list[torch.Tensor],
+            args: argparse.Namespace, softmax: dict[str, Any] | None) -> dict[str, Any]:
+    start = time.perf_counter()
+    observer = "minmax" if method == "rtn_minmax" else "lp_search"
+    extra = None
+    if method == "mixed":
+        probe = prepare(model_name, state, quant_config(model_name, 8, a, observer, softmax=softmax), calib)
+        sens = layer_sensitivity(probe, calib[:4], bit_options=(2, 3, 4, 8))
+        for name in KEEP_8BIT[model_name]:
+            sens.pop(name, None)
+        allocation = allocate_bits(probe, sens, average_bits=w)
+        extra = {name: {"weight": {"bits": b}} for name, b in allocation.bits.items()}
+    model = prepare(model_name, state, quant_config(model_name, w, a, observer, extra, softmax), calib)
+    if method in RECON or method == "mixed":
+        recon_method = "qdrop" if method == "mixed" else method
+        reconstruct(model, calib, ReconConfig.from_method(recon_method, iterations=args.iterations,
+                                                          batch_size=32, seed=args.seed, progress=False))
+    row = {"model": model_name, "method": method, "w_bits": w, "a_bits": a, "metric": "top1",
+           "value": round(accuracy(model, data["x_test"], data["y_test"]), 2),
+           "seconds": round(time.perf_counter() - start, 1)}
+    if method == "mixed":
+        row["allocation"] = allocation.bits
+    return row
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    rows = result["rows"]
+    models = sorted({r["model"] for r in rows})
+    lines = ["# Reconstruction core on digits (top-1 %, test split)", "",
+             f"Iterations per unit: {result['meta']['iterations']} (published default 20000), "
+             f"{result['meta']['calib_samples']} calibration samples, batch 32, seed {result['meta']['seed']}; "
+             "first and last layers 8-bit. Produced by `python tools/bench_core.py`.", ""]
+    settings = [f"W{w}A{a}" for w, a in SETTINGS]
+    for model in models:
+        fp32 = next(r["fp32"] for r in rows if r["model"] == model)
+        lines += [f"## {model} (FP32 {fp32:.2f})", "", "| method | " + " | ".join(settings) + " | seconds (W4A4) |",
+                  "|---" * (len(settings) + 2) + "|"]
+        for method in ["rtn_minmax", "rtn_mse", *RECON]:
+            cells = []
+            for w, a in SETTINGS:
+                hit = [r for r in rows if (r["model"], r["method"], r["w_bits"], r["a_bits"]) == (model, method, w, a)]
+                cells.append(f"{hit[0]['value']:.2f}" if hit else "-")
+            secs = [r["seconds"] for r in rows if (r["model"], r["method"], r["w_bits"], r["a_bits"]) ==
+                    (model, method, 4, 4)]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {secs[0] if secs else '-'} |")
+        for r in rows:
+            if r["model"] == model and r["method"] == "mixed":
+                lines.append(f"\nmixed precision (average {r['w_bits']}-bit weights, A{r['a_bits']}, QDrop): "
+                             f"{r['value']:.2f} in {r['seconds']} s; allocation {r.get('allocation')}")
+            if r["model"] == model and r.get("variant"):
+                lines.append(f"\nvariant {r['variant']} ({r['method']} W{r['w_bits']}A{r['a_bits']}): {r['value']:.2f}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet", "vit"], choices=sorted(MODELS))
+    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--calib-samples", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", type=Path, default=Path("benchmarks/models"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/core.json"))
+    parser.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(args.seed)
+    data = load_digits_split(args.seed)
+    calib = list(data["x_train"][: args.calib_samples].split(64))
+    meta = {"iterations": args.iterations, "calib_samples": args.calib_samples, "seed": args.seed,
+            "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "command": "python tools/bench_core.py " + f"--iterations {args.iterations}",
+            "vit_softmax": "log2 4-bit at A4 (see variant rows), else uniform"}
+    result = {"meta": meta, "rows": []}
+    if args.out.is_file() and not args.fresh:
+        previous = json.loads(args.out.read_text())
+        if previous["meta"].get("iterations") == args.iterations:
+            result["rows"] = previous["rows"]
+    done = {(r["model"], r["method"], r["w_bits"], r["a_bits"], r.get("variant")) for r in result["rows"]}
+
+    def record(row: dict[str, Any]) -> None:
+        result["rows"].append(row)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(args.out)
+        write_markdown(result, args.out.with_suffix(".md"))
+        print(json.dumps(row), flush=True)
+
+    for model_name in args.models:
+        state = torch.load(args.weights / f"digits_{model_name}.pth", map_location="cpu")
+        float_model = MODELS[model_name]()
+        float_model.load_state_dict(state)
+        fp32 = round(accuracy(float_model, data["x_test"], data["y_test"]), 2)
+        jobs = [(m, w, a) for w, a in SETTINGS for m in ["rtn_minmax", "rtn_mse", *RECON]] + [("mixed", 3, 4)]
+        for method, w, a in jobs:
+            variants = [None]
+            if model_name == "vit" and a == 4 and method in ("rtn_mse", "qdrop"):
+                variants = [None, "softmax_uniform"]
+            for variant in variants:
+                if (model_name, method, w, a, variant) in done:
+                    continue
+                softmax = None
+                if model_name == "vit" and a <= 4 and variant is None:
+                    softmax = {"scheme": "log2"}
+                row = run_row(model_name, method, w, a, state, data, calib, args, softmax)
+                row["fp32"] = fp32
+                if variant:
+                    row["variant"] = variant
+                record(row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
