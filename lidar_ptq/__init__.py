@@ -8,11 +8,14 @@ from .quant.config import PRESETS, QuantConfig, load_quant_config
 from .quant.fold import fold_batchnorms, fold_bn
 from .quant.quantizer import FakeQuantizer, QuantMode, UncalibratedError
 from .quant.spec import QuantSpec
+from .recon.engine import RECON_METHODS, ReconConfig, freeze, reconstruct
+from .recon.mixed import allocate_bits, layer_sensitivity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "quantize", "calibrate", "set_quant_mode", "quant_summary", "format_summary", "iter_quantizers",
     "QuantConfig", "QuantSpec", "PRESETS", "load_quant_config", "fold_bn", "fold_batchnorms",
-    "FakeQuantizer", "QuantMode", "UncalibratedError", "__version__",
+    "FakeQuantizer", "QuantMode", "UncalibratedError", "reconstruct", "ReconConfig", "RECON_METHODS", "freeze",
+    "layer_sensitivity", "allocate_bits", "__version__",
 ]

@@ -23,6 +23,7 @@ import torch
 
 import lidar_ptq
 from lidar_ptq.recon.engine import ReconConfig, reconstruct
+from lidar_ptq.recon.losses import self_label_cross_entropy
 from lidar_ptq.recon.mixed import allocate_bits, layer_sensitivity
 from lidar_ptq.zoo.digits import MODELS, accuracy, load_digits_split
 
@@ -59,7 +60,8 @@ def prepare(model_name: str, state: dict, cfg: dict, calib: list[torch.Tensor]) 
 
 
 def run_row(model_name: str, method: str, w: int, a: int, state: dict, data: dict, calib: list[torch.Tensor],
-            args: argparse.Namespace, softmax: dict[str, Any] | None) -> dict[str, Any]:
+            args: argparse.Namespace, softmax: dict[str, Any] | None,
+            recon_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     observer = "minmax" if method == "rtn_minmax" else "lp_search"
     extra = None
@@ -74,7 +76,8 @@ def run_row(model_name: str, method: str, w: int, a: int, state: dict, data: dic
     if method in RECON or method == "mixed":
         recon_method = "qdrop" if method == "mixed" else method
         reconstruct(model, calib, ReconConfig.from_method(recon_method, iterations=args.iterations,
-                                                          batch_size=32, seed=args.seed, progress=False))
+                                                          batch_size=32, seed=args.seed, progress=False,
+                                                          **(recon_overrides or {})))
     row = {"model": model_name, "method": method, "w_bits": w, "a_bits": a, "metric": "top1",
            "value": round(accuracy(model, data["x_test"], data["y_test"]), 2),
            "seconds": round(time.perf_counter() - start, 1)}
@@ -156,14 +159,17 @@ def main() -> int:
         for method, w, a in jobs:
             variants = [None]
             if model_name == "vit" and a == 4 and method in ("rtn_mse", "qdrop"):
-                variants = [None, "softmax_uniform"]
+                variants = [None, "softmax_uniform"] + (["fisher"] if method == "qdrop" else [])
             for variant in variants:
                 if (model_name, method, w, a, variant) in done:
                     continue
                 softmax = None
-                if model_name == "vit" and a <= 4 and variant is None:
+                if model_name == "vit" and a <= 4 and variant != "softmax_uniform":
                     softmax = {"scheme": "log2"}
-                row = run_row(model_name, method, w, a, state, data, calib, args, softmax)
+                # "fisher": BRECQ's Fisher-diagonal (Gauss-Newton Hessian) weighting of the unit loss
+                recon_overrides = ({"loss": "fisher", "task_loss": self_label_cross_entropy}
+                                   if variant == "fisher" else None)
+                row = run_row(model_name, method, w, a, state, data, calib, args, softmax, recon_overrides)
                 row["fp32"] = fp32
                 if variant:
                     row["variant"] = variant

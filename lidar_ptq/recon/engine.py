@@ -9,7 +9,6 @@ keep a hard rounding attached; ``freeze`` writes it into the weights.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -385,7 +384,3 @@ def freeze(model: nn.Module) -> nn.Module:
         if isinstance(module, QuantModuleMixin) and module.weight_quantizer.rounding is not None:
             bake_rounding(module.weight_quantizer, module.float_weight)
     return model
-
-
-def num_finite(values: Iterable[float]) -> int:
-    return sum(1 for v in values if math.isfinite(v))
