@@ -1,0 +1,78 @@
+"""Sparse-conv fake-quant twins: equal to spconv with dequantize(quantize(w)) on quantized features."""
+import torch
+from conftest import import_or_skip
+
+import lidar_ptq
+
+spconv = import_or_skip("spconv.pytorch")
+sparse = import_or_skip("lidar_ptq.quant.sparse")
+
+SHAPE = [10, 12, 12]
+
+
+def voxels(seed=0, num=150, channels=4):
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.unique(torch.stack([torch.randint(0, s, (num,), generator=g) for s in SHAPE], 1), dim=0)
+    indices = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int()
+    return spconv.SparseConvTensor(torch.randn(len(indices), channels, generator=g), indices, SHAPE, 1)
+
+
+def encoder():
+    torch.manual_seed(0)
+    return spconv.SparseSequential(
+        spconv.SubMConv3d(4, 8, 3, indice_key="subm1"), torch.nn.ReLU(),
+        spconv.SparseConv3d(8, 16, 3, stride=2, padding=1, indice_key="down1"), torch.nn.ReLU(),
+        spconv.SparseInverseConv3d(16, 8, 3, indice_key="down1"),
+    ).eval()
+
+
+def test_twins_replace_spconv_layers_and_match_manual_fake_quant():
+    float_model, x = encoder(), voxels()
+    model = lidar_ptq.quantize(encoder(), {"weight": {"bits": 4}, "input": {"bits": 6}})
+    assert isinstance(model[0], sparse.QuantSubMConv3d) and isinstance(model[2], sparse.QuantSparseConv3d)
+    assert isinstance(model[4], sparse.QuantSparseInverseConv3d)
+    assert lidar_ptq.calibrate(model, [x], progress=False) == []
+    first = model[0]
+    assert first.weight_quantizer.scale.shape == (8,)  # per output channel, axis 0 of [out, k, k, k, in]
+    out = model(x)
+    # manual: quantize features and weights per layer, run the float spconv layers
+    with torch.no_grad():
+        h = x
+        for i, layer in enumerate(float_model):
+            if isinstance(layer, spconv.conv.SparseConvolution):
+                twin = model[i]
+                layer.weight.copy_(twin.weight_quantizer(twin.weight))
+                h = layer(h.replace_feature(twin.input_quantizer(h.features)))
+            else:
+                h = h.replace_feature(layer(h.features))
+    torch.testing.assert_close(out.features, h.features)
+    assert torch.equal(out.indices, x.indices)
+
+
+def test_sparse_input_quantizer_sees_only_active_features_and_gradients_flow():
+    model = lidar_ptq.quantize(encoder())
+    x = voxels()
+    lidar_ptq.calibrate(model, [x], progress=False)
+    amax = model[0].input_quantizer.amax().item()
+    assert amax == torch.tensor(x.features.abs().max().item() * 128 / 127).item()
+    model[0].input_quantizer.enable_lsq()
+    feats = x.features.clone().requires_grad_(True)
+    model(x.replace_feature(feats)).features.sum().backward()
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
+    assert model[0].input_quantizer.scale.grad is not None
+
+
+def test_batchnorm_folds_into_sparse_conv_with_bias():
+    torch.manual_seed(0)
+    conv = spconv.SubMConv3d(4, 8, 3, bias=False, indice_key="s").eval()
+    bn = torch.nn.BatchNorm1d(8).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 2)
+    bn.bias.data.uniform_(-1, 1)
+    x = voxels()
+    with torch.no_grad():
+        ref = bn(conv(x).features)
+        lidar_ptq.fold_bn(conv, bn, weight_axis=0)  # spconv 2 weight layout [out, k, k, k, in]
+        out = conv(x).features  # eval mode with a bias: runs on CPU through the compat layer
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
