@@ -5,7 +5,6 @@ from conftest import import_or_skip
 import lidar_ptq
 
 spconv = import_or_skip("spconv.pytorch")
-sparse = import_or_skip("lidar_ptq.quant.sparse")
 
 SHAPE = [10, 12, 12]
 
@@ -29,6 +28,8 @@ def encoder():
 def test_twins_replace_spconv_layers_and_match_manual_fake_quant():
     float_model, x = encoder(), voxels()
     model = lidar_ptq.quantize(encoder(), {"weight": {"bits": 4}, "input": {"bits": 6}})
+    from lidar_ptq.quant import sparse  # registered by quantize() on seeing spconv layers
+
     assert isinstance(model[0], sparse.QuantSubMConv3d) and isinstance(model[2], sparse.QuantSparseConv3d)
     assert isinstance(model[4], sparse.QuantSparseInverseConv3d)
     assert lidar_ptq.calibrate(model, [x], progress=False) == []
