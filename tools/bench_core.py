@@ -106,12 +106,16 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             secs = [r["seconds"] for r in rows if (r["model"], r["method"], r["w_bits"], r["a_bits"]) ==
                     (model, method, 4, 4)]
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {secs[0] if secs else '-'} |")
+        variants = [r for r in rows if r["model"] == model and r.get("variant")]
+        if variants:
+            lines += ["", "Variants (the table above uses a log2 4-bit softmax grid at A4 for the ViT):", "",
+                      "| method | variant | setting | top-1 |", "|---|---|---|---|"]
+            lines += [f"| {r['method']} | {r['variant']} | W{r['w_bits']}A{r['a_bits']} | {r['value']:.2f} |"
+                      for r in variants]
         for r in rows:
             if r["model"] == model and r["method"] == "mixed":
-                lines.append(f"\nmixed precision (average {r['w_bits']}-bit weights, A{r['a_bits']}, QDrop): "
+                lines.append(f"\nMixed precision (average {r['w_bits']}-bit weights, A{r['a_bits']}, QDrop): "
                              f"{r['value']:.2f} in {r['seconds']} s; allocation {r.get('allocation')}")
-            if r["model"] == model and r.get("variant"):
-                lines.append(f"\nvariant {r['variant']} ({r['method']} W{r['w_bits']}A{r['a_bits']}): {r['value']:.2f}")
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -133,7 +137,8 @@ def main() -> int:
     meta = {"iterations": args.iterations, "calib_samples": args.calib_samples, "seed": args.seed,
             "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
             "command": "python tools/bench_core.py " + f"--iterations {args.iterations}",
-            "vit_softmax": "log2 4-bit at A4 (see variant rows), else uniform"}
+            "vit_softmax": "log2 grid at A4 (variant rows: uniform), uniform at A8",
+            "weights_activations": "asymmetric, per-channel weights, per-tensor activations"}
     result = {"meta": meta, "rows": []}
     if args.out.is_file() and not args.fresh:
         previous = json.loads(args.out.read_text())

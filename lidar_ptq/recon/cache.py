@@ -87,6 +87,15 @@ class TensorStore:
             raise RuntimeError("store is empty or not finalized")
         return self._ram[index].to(device)
 
+    def mean_square(self, chunk: int = 4096) -> float:
+        """Mean of the squared entries over all samples, read in chunks (bounded memory)."""
+        total, count = 0.0, 0
+        for start in range(0, self.num_samples, chunk):
+            part = self.get(slice(start, min(start + chunk, self.num_samples))).double()
+            total += float(part.pow(2).sum())
+            count += part.numel()
+        return total / max(count, 1)
+
     def close(self) -> None:
         """Delete the spill file (if any)."""
         self._memmap = None

@@ -221,6 +221,9 @@ def _optimise_unit(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: Recon
     n = len(target.output)
     gen = torch.Generator().manual_seed(cfg.seed)
     offsets = torch.tensor([0, *target.batch_sizes]).cumsum(0).tolist()
+    # Fisher weights are rescaled to unit mean square: confident models give tiny task-loss
+    # gradients, which would otherwise let the rounding regulariser swamp the loss.
+    grad_gain = 1.0 / max(grads.mean_square(), 1e-30) ** 0.5 if grads is not None else 1.0
     losses: list[float] = []
     iterations = cfg.iterations if state.has_parameters else 0
     bar = tqdm(range(iterations), desc=f"recon {unit.name}", disable=not cfg.progress, leave=False)
@@ -232,7 +235,8 @@ def _optimise_unit(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: Recon
             idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
             args = _unit_inputs(inputs_q, inputs_fp, idx, cfg, device)
             out = primary_output(unit.module(*args, **target.kwargs))
-            loss = _unit_loss(cfg, out, target.output.get(idx, device), grads.get(idx, device) if grads else None)
+            grad = grads.get(idx, device) * grad_gain if grads is not None else None
+            loss = _unit_loss(cfg, out, target.output.get(idx, device), grad)
         total = loss + cfg.round_lambda * state.regulariser(beta)
         state.step(total)
         losses.append(float(loss.detach()))

@@ -23,7 +23,10 @@ def lp_loss(output: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch
 
 
 def fisher_loss(output: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Squared error weighted by the squared task-loss gradient (diagonal Fisher, BRECQ)."""
+    """Squared error weighted by the squared task-loss gradient (diagonal Fisher, BRECQ).
+
+    The engine rescales ``grad`` to unit mean square per unit, so the loss has the
+    magnitude of an MSE and the rounding regulariser's lambda keeps its meaning."""
     weighted = ((output - target) * grad).pow(2)
     return weighted.sum(1).mean() if weighted.dim() > 1 else weighted.mean()
 
