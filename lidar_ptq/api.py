@@ -5,7 +5,6 @@ Every stage is a plain function over a torch model, so the mmdet3d integration
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Any, Callable, Iterable, Iterator, Union
 
@@ -16,6 +15,7 @@ from tqdm import tqdm
 from .batches import call_model
 from .quant import attention as _attention  # noqa: F401  (registers the attention twin)
 from .quant.config import ConfigLike, load_quant_config
+from .quant.integrations import load_integrations
 from .quant.modules import QUANT_MODULES, QuantModuleMixin
 from .quant.quantizer import FakeQuantizer, QuantMode
 
@@ -32,7 +32,7 @@ def quantize(model: nn.Module, config: ConfigLike = None) -> nn.Module:
     ``calibrate`` next. Returns the model for chaining.
     """
     cfg = load_quant_config(config)
-    _register_optional_twins(model)
+    load_integrations(model)
     if isinstance(model, QuantModuleMixin):
         raise ValueError("the model is already quantized")
     swapped = 0
@@ -53,12 +53,6 @@ def quantize(model: nn.Module, config: ConfigLike = None) -> nn.Module:
                        ", ".join(t.__name__ for t in QUANT_MODULES))
     name_quantizers(model)
     return model
-
-
-def _register_optional_twins(model: nn.Module) -> None:
-    """Sparse-conv twins need spconv: load them only for models that contain spconv layers."""
-    if any(type(m).__module__.startswith("spconv.") for m in model.modules()):
-        importlib.import_module("lidar_ptq.quant.sparse")
 
 
 def name_quantizers(model: nn.Module) -> None:

@@ -77,3 +77,21 @@ def test_batchnorm_folds_into_sparse_conv_with_bias():
         lidar_ptq.fold_bn(conv, bn, weight_axis=0)  # spconv 2 weight layout [out, k, k, k, in]
         out = conv(x).features  # eval mode with a bias: runs on CPU through the compat layer
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_batchnorms_in_sparse_sequential_marks_fused_relu():
+    torch.manual_seed(0)
+    block = spconv.SparseSequential(spconv.SubMConv3d(4, 8, 3, bias=False, indice_key="a"),
+                                    torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                    spconv.SubMConv3d(8, 8, 3, bias=False, indice_key="a"),
+                                    torch.nn.BatchNorm1d(8)).eval()
+    for bn in (block[1], block[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = voxels()
+    with torch.no_grad():
+        ref = block(x).features
+        assert lidar_ptq.fold_batchnorms(block) == ["1", "4"]
+        torch.testing.assert_close(block(x).features, ref, atol=1e-5, rtol=1e-5)
+    assert block[0].fused_activation == "relu"
+    assert not hasattr(block[3], "fused_activation")  # no activation after the second BN

@@ -4,7 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+from .integrations import load_integrations
+
+# Layers a BN can fold into, and containers that run their children in order; extended by
+# lidar_ptq.quant.sparse with spconv's sparse convolutions and SparseSequential.
+FOLDABLE: list[type] = [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                        nn.Linear]
+SEQUENTIAL: list[type] = [nn.Sequential]
+FUSABLE_ACTIVATIONS = {nn.ReLU: "relu"}
 
 
 def output_channel_axis(module: nn.Module) -> int:
@@ -44,21 +51,29 @@ def fold_bn(module: nn.Module, bn: nn.modules.batchnorm._BatchNorm, weight_axis:
 
 
 def fold_batchnorms(model: nn.Module) -> list[str]:
-    """Fold every BatchNorm that directly follows a foldable layer inside a ``nn.Sequential``.
+    """Fold every BatchNorm that directly follows a foldable layer inside a sequential container.
 
-    The BN is replaced by ``nn.Identity``. Returns the names of the folded BNs.
-    Layers wired outside Sequentials are folded with ``fold_bn`` by the adapter
-    that knows the wiring.
+    The BN is replaced by ``nn.Identity``; when an activation follows it, the layer
+    is marked with ``fused_activation`` (e.g. ``"relu"``) for exporters, as an
+    engine runs conv+bias+ReLU as one kernel (the activation module stays and
+    still runs). Returns the names of the folded BNs. Layers wired outside
+    sequential containers are folded with ``fold_bn`` by the adapter that knows
+    the wiring.
     """
+    load_integrations(model)
     folded: list[str] = []
     for seq_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+        if not isinstance(seq, tuple(SEQUENTIAL)):
             continue
         names = list(seq._modules)
-        for prev, cur in zip(names, names[1:]):
+        for i, (prev, cur) in enumerate(zip(names, names[1:])):
             layer, bn = seq._modules[prev], seq._modules[cur]
-            if isinstance(layer, FOLDABLE) and isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            if isinstance(layer, tuple(FOLDABLE)) and isinstance(bn, nn.modules.batchnorm._BatchNorm):
                 fold_bn(layer, bn)
                 seq._modules[cur] = nn.Identity()
                 folded.append(f"{seq_name}.{cur}" if seq_name else cur)
+                following = seq._modules[names[i + 2]] if i + 2 < len(names) else None
+                activation = FUSABLE_ACTIVATIONS.get(type(following))
+                if activation:
+                    layer.fused_activation = activation
     return folded

@@ -5,17 +5,22 @@ the input activation is per tensor over the active features only (a sparse
 tensor's features *are* its non-empty voxels). The twins subclass spconv's own
 classes, so ``SparseSequential`` hands them the ``SparseConvTensor`` and indice
 keys / algorithms stay untouched. Importing this module needs spconv and
-registers the twins with ``lidar_ptq.quantize``; it also installs the CPU
-compatibility layer.
+registers the twins with ``lidar_ptq.quantize`` and spconv's layers with
+``fold_batchnorms``; it also installs the CPU compatibility layer.
 """
 from __future__ import annotations
 
 import spconv.pytorch as spconv
 
+from .fold import FOLDABLE, SEQUENTIAL
 from .modules import QuantModuleMixin, register_quant_module
 from .spconv_compat import enable_spconv_cpu_compat
 
 enable_spconv_cpu_compat()
+# fold_batchnorms: BN1d after a sparse conv inside a SparseSequential (spconv 2 weights: out channels on axis 0)
+if spconv.conv.SparseConvolution not in FOLDABLE:
+    FOLDABLE.append(spconv.conv.SparseConvolution)
+    SEQUENTIAL.append(spconv.SparseSequential)
 
 
 class _QuantSparseConvForward(QuantModuleMixin):
