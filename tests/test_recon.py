@@ -118,7 +118,7 @@ def test_capture_spilled_to_disk_equals_ram(tmp_path):
     idx = torch.tensor([0, 17, 63, 5])
     assert torch.equal(ram.inputs[0].get(idx), disk.inputs[0].get(idx))
     assert torch.equal(ram.output.get(idx), disk.output.get(idx))
-    assert ram.batch_sizes == disk.batch_sizes == [16] * 4
+    assert ram.batch_rows == disk.batch_rows == [16] * 4
     disk.close()
     assert list(tmp_path.iterdir()) == []
 

@@ -95,3 +95,49 @@ def test_fold_batchnorms_in_sparse_sequential_marks_fused_relu():
         torch.testing.assert_close(block(x).features, ref, atol=1e-5, rtol=1e-5)
     assert block[0].fused_activation == "relu"
     assert not hasattr(block[3], "fused_activation")  # no activation after the second BN
+
+
+class SparseDetector(torch.nn.Module):
+    """SparseEncoder-like stack -> dense BEV -> conv head."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = spconv.SparseSequential(
+            spconv.SubMConv3d(4, 8, 3, indice_key="s1"), torch.nn.ReLU(),
+            spconv.SparseConv3d(8, 8, 3, stride=2, padding=1, indice_key="d1"), torch.nn.ReLU(),
+            spconv.SubMConv3d(8, 8, 3, indice_key="s2"), torch.nn.ReLU())
+        self.head = torch.nn.Conv2d(8 * 5, 6, 3, padding=1)
+
+    def forward(self, x):
+        dense = self.encoder(x).dense()  # [B, C, D, H, W]
+        return self.head(dense.flatten(1, 2))
+
+
+def test_sparse_units_reconstruct_and_beat_nearest_rounding():
+    from helpers import sqnr_db
+
+    from lidar_ptq.recon.engine import ReconConfig, reconstruct
+    from lidar_ptq.recon.units import find_units
+
+    torch.manual_seed(0)
+    float_model = SparseDetector().eval()
+    data = [voxels(seed=s) for s in range(3)]
+    test = [voxels(seed=10 + s) for s in range(2)]
+    config = {"weight": {"bits": 4, "symmetric": False}, "input": {"bits": 8, "symmetric": False}}
+
+    def quantized():
+        import copy
+        model = lidar_ptq.quantize(copy.deepcopy(float_model), config)
+        lidar_ptq.calibrate(model, data, progress=False)
+        return model
+
+    def sqnr(model):
+        with torch.no_grad():
+            return sum(sqnr_db(float_model(x), model(x)) for x in test) / len(test)
+
+    rtn = sqnr(quantized())
+    model = quantized()
+    assert [u.name for u in find_units(model, "layer")] == ["encoder.0", "encoder.2", "encoder.4", "head"]
+    report = reconstruct(model, data, ReconConfig.from_method("adaround", iterations=600, progress=False))
+    assert [u.name for u in report.units] == ["encoder.0", "encoder.2", "encoder.4", "head"]
+    assert sqnr(model) > rtn + 2.0, (sqnr(model), rtn)  # measured 33.9 vs 29.0 dB

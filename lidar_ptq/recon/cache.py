@@ -116,17 +116,40 @@ class _StopForward(Exception):
 
 @dataclass
 class Captured:
-    """What a unit saw: its positional tensor inputs and its output, one store each."""
+    """What a unit saw: its positional inputs and its output.
+
+    Dense units: one ``TensorStore`` per input, samples on dim 0. Sparse units (spconv
+    ``SparseConvTensor`` inputs, whose voxel count varies per frame): the input tensors
+    of each batch are kept whole in ``sparse_inputs`` (RAM, on their device) and the
+    output features are concatenated; ``batch_rows`` says how many output rows each
+    calibration batch produced.
+    """
 
     inputs: list[TensorStore] = field(default_factory=list)
+    sparse_inputs: list[list[Any]] = field(default_factory=list)
     output: TensorStore | None = None
-    batch_sizes: list[int] = field(default_factory=list)
+    batch_rows: list[int] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)  # constant non-tensor keyword arguments
+    sparse: bool = False
+
+    @property
+    def offsets(self) -> list[int]:
+        return torch.tensor([0, *self.batch_rows]).cumsum(0).tolist()
+
+    def batch_output(self, b: int, device: torch.device | str) -> torch.Tensor:
+        """Output rows of calibration batch ``b``."""
+        offsets = self.offsets
+        return self.output.get(slice(offsets[b], offsets[b + 1]), device)
 
     def close(self) -> None:
         for store in [*self.inputs, self.output]:
             if store is not None:
                 store.close()
+
+
+def is_sparse_tensor(x: Any) -> bool:
+    """spconv's SparseConvTensor (duck-typed, so spconv is never imported here)."""
+    return hasattr(x, "features") and hasattr(x, "indices") and hasattr(x, "replace_feature")
 
 
 def _tensor_args(args: Sequence[Any]) -> list[torch.Tensor]:
@@ -137,8 +160,10 @@ def _tensor_args(args: Sequence[Any]) -> list[torch.Tensor]:
 
 
 def primary_output(output: Any) -> torch.Tensor:
-    """The tensor a unit is judged on: the output itself, or the first element of a tuple
-    (``nn.MultiheadAttention`` returns (output, weights))."""
+    """The tensor a unit is judged on: the output itself, the features of a sparse tensor, or
+    the first element of a tuple (``nn.MultiheadAttention`` returns (output, weights))."""
+    if is_sparse_tensor(output):
+        return output.features
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     if not isinstance(output, torch.Tensor):
@@ -156,17 +181,22 @@ def capture(model: nn.Module, unit: nn.Module, data: Iterable[Any], *, want_inpu
         if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             raise TypeError("reconstruction units must take tensors as positional inputs, not keywords")
         result.kwargs = dict(kwargs)
-        tensors = _tensor_args(args)
-        if want_inputs:
+        result.sparse = bool(args) and is_sparse_tensor(args[0])
+        if want_inputs and result.sparse:
+            result.sparse_inputs.append([a.replace_feature(a.features.detach()) if is_sparse_tensor(a)
+                                         else a.detach() for a in args])
+        elif want_inputs:
+            tensors = _tensor_args(args)
             if not result.inputs:
                 result.inputs = [TensorStore(budget_bytes, cache_dir) for _ in tensors]
             for store, tensor in zip(result.inputs, tensors):
                 store.append(tensor)
+        rows = primary_output(output)
         if want_output:
             if result.output is None:
                 result.output = TensorStore(budget_bytes, cache_dir)
-            result.output.append(primary_output(output))
-        result.batch_sizes.append(tensors[0].shape[0])
+            result.output.append(rows)
+        result.batch_rows.append(rows.shape[0])
         if stop_early:
             raise _StopForward
 
@@ -180,7 +210,7 @@ def capture(model: nn.Module, unit: nn.Module, data: Iterable[Any], *, want_inpu
                     pass
     finally:
         handle.remove()
-    if not result.batch_sizes:
+    if not result.batch_rows:
         raise RuntimeError("the unit was never called by the model on the calibration data")
     for store in [*result.inputs, result.output]:
         if store is not None:

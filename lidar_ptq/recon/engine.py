@@ -217,10 +217,8 @@ def _optimise_unit(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: Recon
                    inputs_q: Captured | None, grads: TensorStore | None, device: torch.device) -> UnitReport:
     start = time.perf_counter()
     state = _UnitOptimiser(unit, cfg)
-    inputs_fp = target.inputs
     n = len(target.output)
     gen = torch.Generator().manual_seed(cfg.seed)
-    offsets = torch.tensor([0, *target.batch_sizes]).cumsum(0).tolist()
     # Fisher weights are rescaled to unit mean square: confident models give tiny task-loss
     # gradients, which would otherwise let the rounding regulariser swamp the loss.
     grad_gain = 1.0 / max(grads.mean_square(), 1e-30) ** 0.5 if grads is not None else 1.0
@@ -230,10 +228,14 @@ def _optimise_unit(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: Recon
     for step in bar:
         beta = _beta(step, cfg)
         if cfg.output_loss is not None:
-            loss = _output_loss_step(model, unit, data, cfg, target, offsets, step, device)
+            loss = _output_loss_step(model, unit, data, cfg, target, step, device)
+        elif target.sparse:  # whole calibration batches: voxel counts differ between frames
+            b = int(torch.randint(0, len(target.batch_rows), (1,), generator=gen))
+            out = primary_output(unit.module(*_sparse_unit_inputs(inputs_q, target, b, cfg), **target.kwargs))
+            loss = _unit_loss(cfg, out, target.batch_output(b, device), None)
         else:
             idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-            args = _unit_inputs(inputs_q, inputs_fp, idx, cfg, device)
+            args = _unit_inputs(inputs_q, target.inputs, idx, cfg, device)
             out = primary_output(unit.module(*args, **target.kwargs))
             grad = grads.get(idx, device) * grad_gain if grads is not None else None
             loss = _unit_loss(cfg, out, target.output.get(idx, device), grad)
@@ -262,8 +264,20 @@ def _unit_inputs(inputs_q: Captured | None, inputs_fp: list[TensorStore], idx: t
     return [torch.where(torch.rand(a.shape, device=device) < cfg.drop_prob, a, b) for a, b in zip(q, fp)]
 
 
+def _sparse_unit_inputs(inputs_q: Captured | None, target: Captured, b: int, cfg: ReconConfig) -> list[Any]:
+    """Inputs of calibration batch ``b`` for a sparse unit; QDrop mixes the features element-wise."""
+    fp = target.sparse_inputs[b]
+    if inputs_q is None:
+        return fp
+    q = inputs_q.sparse_inputs[b]
+    if cfg.drop_prob >= 1.0:
+        return q
+    return [a.replace_feature(torch.where(torch.rand(a.features.shape, device=a.features.device) < cfg.drop_prob,
+                                          a.features, f.features)) for a, f in zip(q, fp)]
+
+
 def _output_loss_step(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: ReconConfig, target: Captured,
-                      offsets: list[int], step: int, device: torch.device) -> torch.Tensor:
+                      step: int, device: torch.device) -> torch.Tensor:
     """Full-model step: unit loss on the captured output + an output loss against the float model."""
     b = step % len(data)
     batch = data[b]
@@ -277,7 +291,7 @@ def _output_loss_step(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: Re
         quant_out = call_model(model, batch)
     finally:
         handle.remove()
-    unit_target = target.output.get(slice(offsets[b], offsets[b + 1]), device)
+    unit_target = target.batch_output(b, device)
     unit_loss = _unit_loss(cfg, seen["out"], unit_target, None) if cfg.loss != "fisher" else 0.0
     return unit_loss + cfg.output_loss_weight * cfg.output_loss(quant_out, float_out, batch)
 
@@ -352,6 +366,9 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
             torch.manual_seed(cfg.seed + index)
             set_quant_mode(model, QuantMode.FLOAT)
             target = capture(model, unit.module, data, budget_bytes=budget, cache_dir=cfg.cache_dir)
+            if cfg.loss == "fisher" and target.sparse:
+                raise NotImplementedError(f"loss='fisher' is not supported for sparse unit {unit.name!r}; "
+                                          "use 'mse' or an output_loss")
             grads = (_capture_output_grads(model, unit.module, data, cfg.task_loss, budget, cfg.cache_dir)
                      if cfg.loss == "fisher" else None)
             set_quant_mode(model, QuantMode.QUANTIZE)
