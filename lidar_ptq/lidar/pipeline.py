@@ -1,7 +1,9 @@
 """LiDAR-PTQ in the paper's order, each stage switchable (an ablation is one flag per stage).
 
 1. ranges from max-min, over active sites only when ``sparse_calibration`` (empty
-   pillars/voxels are zeros that would otherwise dominate every statistic);
+   pillars/voxels are zeros that would otherwise dominate every statistic); with
+   ``occupancy_source`` the BEV occupancy after the scatter defines the active
+   sites of every dense layer (resized to its grid);
 2. ``grid_search``: Lp search of each clipping range (on active sites);
 3. ``tgpl``: quantization parameters optimised against the task-guided global
    positive loss on the detector output (added to the local unit loss);
@@ -15,6 +17,7 @@ activations), as TensorRT's explicit INT8 requires.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,7 @@ from torch import nn
 
 from ..api import calibrate, quantize
 from ..recon.engine import ReconConfig, ReconReport, reconstruct
+from .occupancy import OccupancyMask
 from .tgpl import TaskGuidedPositiveLoss, TGPLConfig
 
 
@@ -36,6 +40,7 @@ class LidarPTQConfig:
     lp_norm: float = 2.0
     tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
     tgpl_weight: float = 1.0
+    occupancy_source: str | None = None  # module whose output is the scattered BEV map (occupancy mask)
     recon: Mapping[str, Any] = field(default_factory=dict)      # ReconConfig overrides (iterations, ...)
     overrides: Mapping[str, Any] = field(default_factory=dict)  # quant-config overrides by module pattern
 
@@ -78,7 +83,9 @@ def run_lidar_ptq(model: nn.Module, calib_data: Iterable[Any], config: LidarPTQC
     cfg = config or LidarPTQConfig()
     data = list(calib_data)
     quantize(model, cfg.quant_config())
-    missing = calibrate(model, data)
+    use_occupancy = cfg.occupancy_source is not None and cfg.sparse_calibration
+    with OccupancyMask(model, cfg.occupancy_source) if use_occupancy else nullcontext():
+        missing = calibrate(model, data)
     recon_cfg = cfg.recon_config()
     report = reconstruct(model, data, recon_cfg) if recon_cfg is not None else None
     return LidarPTQReport(cfg, missing, report)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ class FakeQuantizer(nn.Module):
         # round-to-nearest; drop_prob < 1 quantizes each element with that probability (QDrop).
         self.rounding: nn.Module | None = None
         self.drop_prob = 1.0
+        # Calibration only: gives the active-site mask for an input (e.g. the BEV occupancy resized to
+        # this layer's grid); None means "derive it from the data" (non-zero feature vectors).
+        self.site_mask_provider: Callable[[torch.Tensor], torch.Tensor | None] | None = None
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
         if spec.learn_scale:
@@ -89,6 +92,8 @@ class FakeQuantizer(nn.Module):
         """Feed a tensor to this quantizer's observer (created on first use)."""
         if self.observer is None:
             self.observer = build_observer(self.spec, self.channel_axis, self.feature_axis)
+        if mask is None and self.site_mask_provider is not None and self.observer.sparse:
+            mask = self.site_mask_provider(x)
         self.observer.observe(x, mask)
 
     def finish_calibration(self) -> bool:
