@@ -150,11 +150,12 @@ def _capture_output_grads(model: nn.Module, unit: nn.Module, data: Sequence[Any]
 class _UnitOptimiser:
     """Learnable state of one unit: rounding variables and (optionally) LSQ activation steps."""
 
-    def __init__(self, unit: Unit, cfg: ReconConfig) -> None:
+    def __init__(self, model: nn.Module, unit: Unit, cfg: ReconConfig) -> None:
         self.unit, self.cfg = unit, cfg
         self.layers = unit.quant_layers()
-        # float weights and biases stay fixed; only quantization state (attached below) learns
-        self.frozen = [p for p in unit.module.parameters() if p.requires_grad]
+        # every float weight and bias of the model stays fixed (an output loss back-propagates through
+        # the whole model); only this unit's quantization state, attached below, learns
+        self.frozen = [p for p in model.parameters() if p.requires_grad]
         for p in self.frozen:
             p.requires_grad_(False)
         self.roundings = [attach_rounding(layer.weight_quantizer, layer.float_weight, cfg.rounding)
@@ -216,7 +217,7 @@ def _unit_loss(cfg: ReconConfig, out: torch.Tensor, target: torch.Tensor, grad: 
 def _optimise_unit(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: ReconConfig, target: Captured,
                    inputs_q: Captured | None, grads: TensorStore | None, device: torch.device) -> UnitReport:
     start = time.perf_counter()
-    state = _UnitOptimiser(unit, cfg)
+    state = _UnitOptimiser(model, unit, cfg)
     n = len(target.output)
     gen = torch.Generator().manual_seed(cfg.seed)
     # Fisher weights are rescaled to unit mean square: confident models give tiny task-loss
@@ -324,7 +325,7 @@ def _load_resume(model: nn.Module, units: list[Unit], cfg: ReconConfig) -> tuple
     for name in finished:  # recreate the learned state so the saved tensors have somewhere to go
         if name not in by_name:
             raise ValueError(f"resume state in {path} names unit {name!r} that this model does not have")
-        opt = _UnitOptimiser(by_name[name], replace(cfg, progress=False))
+        opt = _UnitOptimiser(model, by_name[name], replace(cfg, progress=False))
         opt.finish()
     for _, q in iter_quantizers(model):
         if q.learns_scale:
