@@ -36,7 +36,9 @@ def quantize(model: nn.Module, config: ConfigLike = None) -> nn.Module:
     if isinstance(model, QuantModuleMixin):
         raise ValueError("the model is already quantized")
     swapped = 0
-    for parent_name, parent in list(model.named_modules()):
+    # children before parents: a twin that has quantizable children (a residual block) is cloned
+    # from a parent whose children are already swapped
+    for parent_name, parent in reversed(list(model.named_modules())):
         for child_name, child in list(parent.named_children()):
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name
             twin_cls = QUANT_MODULES.get(type(child))

@@ -1,6 +1,8 @@
 """BatchNorm folding: what a deployment engine runs is conv-with-bias, so quantize that."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -12,6 +14,8 @@ FOLDABLE: list[type] = [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.
                         nn.Linear]
 SEQUENTIAL: list[type] = [nn.Sequential]
 FUSABLE_ACTIVATIONS = {nn.ReLU: "relu"}
+# Blocks whose conv/BN pairs are attributes, not a sequence: type -> fn(block) -> names of folded BNs
+FOLD_RULES: dict[type, Callable[[nn.Module], list[str]]] = {}
 
 
 def output_channel_axis(module: nn.Module) -> int:
@@ -63,6 +67,9 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
     load_integrations(model)
     folded: list[str] = []
     for seq_name, seq in model.named_modules():
+        rule = FOLD_RULES.get(type(seq))
+        if rule is not None:
+            folded += [f"{seq_name}.{name}" if seq_name else name for name in rule(seq)]
         if not isinstance(seq, tuple(SEQUENTIAL)):
             continue
         names = list(seq._modules)

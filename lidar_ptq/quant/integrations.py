@@ -7,6 +7,10 @@ from torch import nn
 
 
 def load_integrations(model: nn.Module) -> None:
-    """Sparse-conv twins and folding rules need spconv: load them for models holding spconv layers."""
-    if any(type(m).__module__.startswith("spconv.") for m in model.modules()):
+    """Sparse-conv twins and folding rules need spconv (and mmdet3d's sparse blocks, mmdet3d):
+    load them for models holding such layers."""
+    modules = {type(m).__module__ for m in model.modules()}
+    if any(name.startswith("spconv.") for name in modules):
         importlib.import_module("lidar_ptq.quant.sparse")
+    if "mmdet3d.models.layers.sparse_block" in modules:
+        importlib.import_module("lidar_ptq.mmdet3d.sparse_block")

@@ -27,6 +27,17 @@ def register_quant_module(float_cls: type):
     return wrap
 
 
+def clone_as(cls: type, module: nn.Module) -> nn.Module:
+    """An instance of ``cls`` (a subclass of ``type(module)``) sharing ``module``'s parameters,
+    buffers, children and hooks: the swap keeps weights and state-dict keys without a copy."""
+    twin = cls.__new__(cls)
+    twin.__dict__.update(module.__dict__)
+    for attr in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
+        if attr in module.__dict__:
+            twin.__dict__[attr] = OrderedDict(module.__dict__[attr])
+    return twin
+
+
 class QuantModuleMixin:
     """Adds weight/input quantizers to a float layer without touching its parameters.
 
@@ -46,11 +57,7 @@ class QuantModuleMixin:
         """Wrap ``module`` (its parameters are shared, not copied).
 
         ``roles`` carries specs of extra activation quantizers some twins have (attention)."""
-        twin = cls.__new__(cls)
-        twin.__dict__.update(module.__dict__)
-        for attr in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks"):
-            if attr in module.__dict__:
-                twin.__dict__[attr] = OrderedDict(module.__dict__[attr])
+        twin = clone_as(cls, module)
         twin.weight_quantizer = FakeQuantizer(weight_spec, channel_axis=cls.weight_axis)
         twin.input_quantizer = FakeQuantizer(input_spec, channel_axis=cls.feature_axis, feature_axis=cls.feature_axis)
         twin._init_extra_quantizers(roles or {}, input_spec)

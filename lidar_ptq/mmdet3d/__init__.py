@@ -1,0 +1,1 @@
+"""mmdetection3d integration: the only package that imports mmdet3d / mmengine / mmcv."""
