@@ -1,6 +1,7 @@
 """mmdet3d SparseBasicBlock: BN folding rule and the shared-scale residual add twin."""
 import copy
 
+import pytest
 import torch
 from conftest import import_or_skip
 
@@ -11,6 +12,15 @@ spconv = import_or_skip("spconv.pytorch")
 sparse_block = import_or_skip("mmdet3d.models.layers.sparse_block")
 
 SHAPE = [8, 10, 10]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _deterministic_cpu_spconv():
+    """The float reference must run through the compat layer too: spconv's own CPU kernels race on
+    more than one thread (this test failed about 1 run in 10 before it enabled the layer first)."""
+    from lidar_ptq.quant.spconv_compat import enable_spconv_cpu_compat
+
+    assert enable_spconv_cpu_compat()
 
 
 def voxels(seed=0, channels=8):
