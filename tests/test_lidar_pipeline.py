@@ -2,6 +2,7 @@
 pipeline lowers the task loss of a small BEV detector on sparse inputs."""
 import copy
 
+import pytest
 import torch
 from test_tgpl import TinyCenterHead
 from torch import nn
@@ -54,11 +55,22 @@ def test_full_pipeline_lowers_tgpl_loss_versus_max_min():
     results = {}
     for name, cfg in {
         "max_min": LidarPTQConfig(w_bits=4, a_bits=4, sparse_calibration=False, grid_search=False, tgpl=False,
-                                  adaptive_rounding=False),
-        "lidar_ptq": LidarPTQConfig(w_bits=4, a_bits=4, recon={"iterations": 150, "progress": False}),
+                                  adaptive_rounding=False, calib_frames=8),
+        "lidar_ptq": LidarPTQConfig(w_bits=4, a_bits=4, recon={"iterations": 150, "progress": False},
+                                    calib_frames=8),
     }.items():
         model = copy.deepcopy(float_model)
         report = run_lidar_ptq(model, data, cfg)
         assert report.uncalibrated == []
         results[name] = task_loss(model)
     assert results["lidar_ptq"] < results["max_min"], results
+
+
+def test_calibration_frames_are_counted_and_too_few_is_a_clear_error():
+    from lidar_ptq.lidar.pipeline import frames_in, take_frames
+
+    data = [sparse_bev(s) for s in range(4)]  # 2 frames each
+    assert frames_in(data[0]) == 2 and frames_in((data[0], 1)) == 2 and frames_in({"bev": data[0]}) == 2
+    assert len(take_frames(iter(data), 3)) == 2  # stops once enough frames are in
+    with pytest.raises(ValueError, match="holds 8 frames but calib_frames=256"):
+        run_lidar_ptq(TinyBEVDetector(), data, LidarPTQConfig())

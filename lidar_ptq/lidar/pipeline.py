@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..api import calibrate, quantize
@@ -41,6 +42,7 @@ class LidarPTQConfig:
     tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
     tgpl_weight: float = 1.0
     occupancy_source: str | None = None  # module whose output is the scattered BEV map (occupancy mask)
+    calib_frames: int = 256              # a small fraction of the training set, as in the paper
     recon: Mapping[str, Any] = field(default_factory=dict)      # ReconConfig overrides (iterations, ...)
     overrides: Mapping[str, Any] = field(default_factory=dict)  # quant-config overrides by module pattern
 
@@ -77,11 +79,38 @@ class LidarPTQReport:
     reconstruction: ReconReport | None
 
 
+def frames_in(batch: Any) -> int:
+    """Number of frames in a calibration batch (tensor, SparseConvTensor, tuple or dict of them)."""
+    if hasattr(batch, "batch_size") and hasattr(batch, "features"):
+        return int(batch.batch_size)
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    items = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+    for item in items:
+        if isinstance(item, torch.Tensor) or hasattr(item, "features"):
+            return frames_in(item)
+    raise TypeError(f"cannot count frames in a calibration batch of type {type(batch).__name__}")
+
+
+def take_frames(calib_data: Iterable[Any], frames: int) -> list[Any]:
+    """The first batches holding ``frames`` frames; too few frames is an error, not a silent shortfall."""
+    taken, count = [], 0
+    for batch in calib_data:
+        if count >= frames:
+            break
+        taken.append(batch)
+        count += frames_in(batch)
+    if count < frames:
+        raise ValueError(f"calibration data holds {count} frames but calib_frames={frames}: pass more frames "
+                         "or lower LidarPTQConfig.calib_frames")
+    return taken
+
+
 def run_lidar_ptq(model: nn.Module, calib_data: Iterable[Any], config: LidarPTQConfig | None = None) -> LidarPTQReport:
     """Quantize ``model`` in place with LiDAR-PTQ. ``model(batch)`` must return the detection head
     outputs (per-task dicts of heatmap/regression maps) so TGPL can read them."""
     cfg = config or LidarPTQConfig()
-    data = list(calib_data)
+    data = take_frames(calib_data, cfg.calib_frames)
     quantize(model, cfg.quant_config())
     use_occupancy = cfg.occupancy_source is not None and cfg.sparse_calibration
     with OccupancyMask(model, cfg.occupancy_source) if use_occupancy else nullcontext():
