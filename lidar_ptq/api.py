@@ -107,6 +107,8 @@ def calibrate(model: nn.Module, forward_loop: ForwardLoop | None = None, progres
                 module.calibrate_weight()
         missing = [name for name, q in iter_quantizers(model) if q.enabled and not q.finish_calibration()]
     finally:
+        for _, quantizer in iter_quantizers(model):  # a failed run leaves no half-collected statistics
+            quantizer.observer = None
         set_quant_mode(model, QuantMode.QUANTIZE)
         model.train(was_training)
     if missing:

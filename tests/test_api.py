@@ -105,3 +105,14 @@ def test_quantizing_twice_is_refused_and_unsupported_model_warns(caplog):
     with caplog.at_level(logging.WARNING):
         lidar_ptq.quantize(nn.Sequential(nn.ReLU()))
     assert "no supported layer" in caplog.text
+
+
+def test_nan_calibration_data_is_refused_with_the_quantizer_name():
+    model = lidar_ptq.quantize(nn.Sequential(nn.Linear(3, 2)))
+    bad = torch.tensor([[1.0, float("nan"), 0.0]])
+    with pytest.raises(ValueError, match="0.input_quantizer.*NaN"):
+        lidar_ptq.calibrate(model, [bad], progress=False)
+    assert not model[0].input_quantizer.calibrated  # nothing half-written
+    assert model[0].input_quantizer.observer is None  # and no stale statistics for the next run
+    assert lidar_ptq.calibrate(model, [torch.ones(1, 3)], progress=False) == []
+    assert model[0].input_quantizer.amax().item() == pytest.approx(128 / 127)

@@ -90,6 +90,10 @@ class FakeQuantizer(nn.Module):
     # ----- calibration -------------------------------------------------------------------
     def observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Feed a tensor to this quantizer's observer (created on first use)."""
+        if not torch.isfinite(x).all():
+            raise ValueError(f"quantizer '{self.name or '<unnamed>'}' saw NaN/Inf values during calibration; "
+                             "a range computed from them would be garbage: clean the input data (e.g. drop "
+                             "NaN points before voxelization) or fix the layer producing them")
         if self.observer is None:
             self.observer = build_observer(self.spec, self.channel_axis, self.feature_axis)
         if mask is None and self.site_mask_provider is not None and self.observer.sparse:
