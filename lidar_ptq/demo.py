@@ -66,6 +66,7 @@ def sparse_bev_batch(generator: torch.Generator, batch: int = 2, channels: int =
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``out`` against ``ref``, in dB."""
     return float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean().clamp_min(1e-20)))
 
 

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from lidar_ptq.demo import sqnr_db  # noqa: F401  (re-exported for the tests)
+
 
 def small_cnn(seed: int = 0) -> nn.Module:
     """Conv-BN-ReLU stack with a transposed conv and a linear head (every twin type)."""
@@ -26,7 +28,3 @@ def image_batches(n: int = 4, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(8, 3, 16, 16, generator=g) for _ in range(n)]
 
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB."""
-    return float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean().clamp_min(1e-20)))

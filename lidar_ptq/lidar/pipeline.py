@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..api import calibrate, quantize
+from ..recon.cache import is_sparse_tensor
 from ..recon.engine import ReconConfig, ReconReport, reconstruct
 from .occupancy import OccupancyMask
 from .tgpl import TaskGuidedPositiveLoss, TGPLConfig
@@ -81,13 +82,13 @@ class LidarPTQReport:
 
 def frames_in(batch: Any) -> int:
     """Number of frames in a calibration batch (tensor, SparseConvTensor, tuple or dict of them)."""
-    if hasattr(batch, "batch_size") and hasattr(batch, "features"):
+    if is_sparse_tensor(batch):
         return int(batch.batch_size)
     if isinstance(batch, torch.Tensor):
         return batch.shape[0]
     items = list(batch.values()) if isinstance(batch, Mapping) else list(batch)
     for item in items:
-        if isinstance(item, torch.Tensor) or hasattr(item, "features"):
+        if isinstance(item, torch.Tensor) or is_sparse_tensor(item):
             return frames_in(item)
     raise TypeError(f"cannot count frames in a calibration batch of type {type(batch).__name__}")
 

@@ -49,7 +49,7 @@ class FlexRound(nn.Module):
     """FlexRound (Lee et al., 2023): round w / (s * exp(S + r)) with learned element-wise S and
     per-output-channel r, and a learnable grid size s; starts at round-to-nearest (S = r = 0)."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, channel_axis: int | None) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.log_scale = nn.Parameter(torch.log(scale.detach().clone()))
         self.element = nn.Parameter(torch.zeros_like(weight))
@@ -82,7 +82,7 @@ def attach_rounding(quantizer: FakeQuantizer, weight: torch.Tensor, method: str)
     if method == "adaround":
         quantizer.rounding = AdaRound(weight, scale)
     else:
-        quantizer.rounding = FlexRound(weight, scale, quantizer.channel_axis)
+        quantizer.rounding = FlexRound(weight, scale)
     return quantizer.rounding
 
 
@@ -93,11 +93,8 @@ def bake_rounding(quantizer: FakeQuantizer, weight: nn.Parameter) -> None:
     if rounding is None:
         return
     rounding.hard = True
+    quantized = quantizer(weight)  # hard codes on the rounding's grid (FlexRound's learned one)
     if isinstance(rounding, FlexRound):
-        new_scale = rounding.learned_scale().reshape(quantizer.scale.shape)
-        quantized = quantizer(weight)  # uses the learned grid
-        quantizer._assign(new_scale, quantizer.zero_point)
-    else:
-        quantized = quantizer(weight)
+        quantizer._assign(rounding.learned_scale().reshape(quantizer.scale.shape), quantizer.zero_point)
     weight.copy_(quantized)
     quantizer.rounding = None
