@@ -325,11 +325,7 @@ def _load_resume(model: nn.Module, units: list[Unit], cfg: ReconConfig) -> tuple
     for name in finished:  # recreate the learned state so the saved tensors have somewhere to go
         if name not in by_name:
             raise ValueError(f"resume state in {path} names unit {name!r} that this model does not have")
-        opt = _UnitOptimiser(model, by_name[name], replace(cfg, progress=False))
-        opt.finish()
-    for _, q in iter_quantizers(model):
-        if q.learns_scale:
-            q.disable_lsq()
+        _UnitOptimiser(model, by_name[name], replace(cfg, progress=False)).finish()  # hard rounding, LSQ off
     model.load_state_dict(state["model"])
     logger.info("resuming reconstruction: %d unit(s) already done", len(finished))
     return finished, [UnitReport(**r) for r in state["reports"]]
