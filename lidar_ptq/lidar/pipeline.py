@@ -26,9 +26,20 @@ from torch import nn
 
 from ..api import calibrate, quantize
 from ..recon.cache import is_sparse_tensor
-from ..recon.engine import ReconConfig, ReconReport, reconstruct
+from ..recon.engine import ReconConfig, ReconReport, freeze, reconstruct
 from .occupancy import OccupancyMask
 from .tgpl import TaskGuidedPositiveLoss, TGPLConfig
+
+
+@dataclass
+class PTQRecipe:
+    """What ``run_ptq`` executes: quant config, calibration sites, reconstruction (None: calibration only)."""
+    name: str
+    quant: dict[str, Any]
+    recon: ReconConfig | None = None
+    sparse_calibration: bool = False
+    calib_frames: int = 256
+    source: dict[str, Any] = field(default_factory=dict)  # the dict it was made from (saved with results)
 
 
 @dataclass
@@ -73,15 +84,24 @@ class LidarPTQConfig:
         return ReconConfig(**settings)
 
 
+    def recipe(self, name: str | None = None) -> PTQRecipe:
+        return PTQRecipe(name or f"lidar_ptq_w{self.w_bits}a{self.a_bits}", self.quant_config(),
+                         self.recon_config(), self.sparse_calibration, self.calib_frames)
+
+
 @dataclass
 class LidarPTQReport:
-    config: LidarPTQConfig
+    recipe: PTQRecipe
     uncalibrated: list[str]
     reconstruction: ReconReport | None
+    frames: int = 0
 
 
 def frames_in(batch: Any) -> int:
     """Number of frames in a calibration batch (tensor, SparseConvTensor, tuple or dict of them)."""
+    num_frames = getattr(batch, "num_frames", None)  # detector batches say it themselves
+    if num_frames is not None:
+        return int(num_frames)
     if is_sparse_tensor(batch):
         return int(batch.batch_size)
     if isinstance(batch, torch.Tensor):
@@ -107,15 +127,23 @@ def take_frames(calib_data: Iterable[Any], frames: int) -> list[Any]:
     return taken
 
 
-def run_lidar_ptq(model: nn.Module, calib_data: Iterable[Any], config: LidarPTQConfig | None = None) -> LidarPTQReport:
-    """Quantize ``model`` in place with LiDAR-PTQ. ``model(batch)`` must return the detection head
-    outputs (per-task dicts of heatmap/regression maps) so TGPL can read them."""
-    cfg = config or LidarPTQConfig()
-    data = take_frames(calib_data, cfg.calib_frames)
-    quantize(model, cfg.quant_config())
-    use_occupancy = cfg.occupancy_source is not None and cfg.sparse_calibration
-    with OccupancyMask(model, cfg.occupancy_source) if use_occupancy else nullcontext():
+def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe,
+            occupancy_source: str | None = None, freeze_weights: bool = True) -> LidarPTQReport:
+    """Quantize ``model`` in place with ``recipe``: quantize, calibrate (over the BEV occupancy of
+    ``occupancy_source`` when the recipe calibrates sparsely), reconstruct, freeze the rounding.
+    With an output loss (TGPL), ``model(batch)`` must return the detection head outputs."""
+    data = take_frames(calib_data, recipe.calib_frames)
+    quantize(model, recipe.quant)
+    use_occupancy = occupancy_source is not None and recipe.sparse_calibration
+    with OccupancyMask(model, occupancy_source) if use_occupancy else nullcontext():
         missing = calibrate(model, data)
-    recon_cfg = cfg.recon_config()
-    report = reconstruct(model, data, recon_cfg) if recon_cfg is not None else None
-    return LidarPTQReport(cfg, missing, report)
+    report = reconstruct(model, data, recipe.recon) if recipe.recon is not None else None
+    if freeze_weights and report is not None:
+        freeze(model)
+    return LidarPTQReport(recipe, missing, report, sum(frames_in(b) for b in data))
+
+
+def run_lidar_ptq(model: nn.Module, calib_data: Iterable[Any], config: LidarPTQConfig | None = None) -> LidarPTQReport:
+    """Quantize ``model`` in place with LiDAR-PTQ (``run_ptq`` with the config's recipe)."""
+    cfg = config or LidarPTQConfig()
+    return run_ptq(model, calib_data, cfg.recipe(), cfg.occupancy_source, freeze_weights=False)

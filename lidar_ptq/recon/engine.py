@@ -26,7 +26,7 @@ from ..quant.quantizer import QuantMode
 from ..quant.rounding import AdaRound, attach_rounding, bake_rounding
 from .cache import Captured, TensorStore, capture, primary_output
 from .losses import OutputLoss, TaskLoss, fisher_loss, lp_loss
-from .units import Unit, find_units
+from .units import Unit, find_units, refine_units
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class ReconConfig:
     task_loss: TaskLoss | None = None     # for loss="fisher"
     output_loss: OutputLoss | None = None  # loss on the final model output, added to the unit loss
     output_loss_weight: float = 1.0
+    output_loss_every: int = 1            # output-loss (full model) step every k iterations, local steps between
     cache_budget_mb: float = float("inf")
     cache_dir: str | None = None
     resume_dir: str | None = None
@@ -67,6 +68,8 @@ class ReconConfig:
         for key, valid in checks.items():
             if getattr(self, key) not in valid:
                 raise ValueError(f"ReconConfig.{key}={getattr(self, key)!r}; choose from {valid}")
+        if self.output_loss_every < 1:
+            raise ValueError(f"output_loss_every must be >= 1, got {self.output_loss_every}")
         if not 0.0 < self.drop_prob <= 1.0:
             raise ValueError(f"drop_prob must be in (0, 1], got {self.drop_prob}")
         if self.loss == "fisher" and self.task_loss is None:
@@ -215,7 +218,8 @@ def _unit_loss(cfg: ReconConfig, out: torch.Tensor, target: torch.Tensor, grad: 
 
 
 def _optimise_unit(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: ReconConfig, target: Captured,
-                   inputs_q: Captured | None, grads: TensorStore | None, device: torch.device) -> UnitReport:
+                   inputs_q: Captured | None, grads: TensorStore | None, device: torch.device,
+                   float_outputs: dict[int, Any]) -> UnitReport:
     start = time.perf_counter()
     state = _UnitOptimiser(model, unit, cfg)
     n = len(target.output)
@@ -228,8 +232,9 @@ def _optimise_unit(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: Recon
     bar = tqdm(range(iterations), desc=f"recon {unit.name}", disable=not cfg.progress, leave=False)
     for step in bar:
         beta = _beta(step, cfg)
-        if cfg.output_loss is not None:
-            loss = _output_loss_step(model, unit, data, cfg, target, step, device)
+        if cfg.output_loss is not None and step % cfg.output_loss_every == 0:
+            loss = _output_loss_step(model, unit, data, cfg, target, step // cfg.output_loss_every, device,
+                                     float_outputs)
         elif target.sparse:  # whole calibration batches: voxel counts differ between frames
             b = int(torch.randint(0, len(target.batch_rows), (1,), generator=gen))
             out = primary_output(unit.module(*_sparse_unit_inputs(inputs_q, target, b, cfg), **target.kwargs))
@@ -278,14 +283,17 @@ def _sparse_unit_inputs(inputs_q: Captured | None, target: Captured, b: int, cfg
 
 
 def _output_loss_step(model: nn.Module, unit: Unit, data: Sequence[Any], cfg: ReconConfig, target: Captured,
-                      step: int, device: torch.device) -> torch.Tensor:
-    """Full-model step: unit loss on the captured output + an output loss against the float model."""
+                      step: int, device: torch.device, float_outputs: dict[int, Any]) -> torch.Tensor:
+    """Full-model step: unit loss on the captured output + an output loss against the float model
+    (whose outputs never change during reconstruction, so they are computed once per batch)."""
     b = step % len(data)
     batch = data[b]
-    with torch.no_grad():
-        set_quant_mode(model, QuantMode.FLOAT)
-        float_out = call_model(model, batch)
-        set_quant_mode(model, QuantMode.QUANTIZE)
+    if b not in float_outputs:
+        with torch.no_grad():
+            set_quant_mode(model, QuantMode.FLOAT)
+            float_outputs[b] = call_model(model, batch)
+            set_quant_mode(model, QuantMode.QUANTIZE)
+    float_out = float_outputs[b]
     seen: dict[str, torch.Tensor] = {}
     handle = unit.module.register_forward_hook(lambda m, a, o: seen.__setitem__("out", primary_output(o)))
     try:
@@ -347,6 +355,8 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
         raise RuntimeError(f"run lidar_ptq.calibrate(model, data) before reconstruct(); uncalibrated: "
                            f"{uncalibrated[:5]}{' ...' if len(uncalibrated) > 5 else ''}")
     units = find_units(model, cfg.granularity, cfg.unit_names, cfg.max_block_layers)
+    if cfg.granularity == "block" and not cfg.unit_names:
+        units = refine_units(units, lambda: call_model(model, data[0]), cfg.max_block_layers)
     if not units:
         raise RuntimeError("no reconstruction unit found: quantize the model first")
     device = _model_device(model)
@@ -356,6 +366,7 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
     report = ReconReport()
     finished, report.units = _load_resume(model, units, cfg)
     report.resumed = list(finished)
+    float_outputs: dict[int, Any] = {}  # float model output per calibration batch (output losses)
     try:
         for index, unit in enumerate(units):
             if unit.name in finished:
@@ -373,7 +384,7 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
                                 cache_dir=cfg.cache_dir) if cfg.input_from == "quantized" else None)
             try:
                 unit_report = _optimise_unit(model, unit, data, replace(cfg, seed=cfg.seed + index), target,
-                                             inputs_q, grads, device)
+                                             inputs_q, grads, device, float_outputs)
             finally:
                 for c in (target, inputs_q):
                     if c is not None:

@@ -7,12 +7,20 @@ holding quantized layers is one block (a ResNet BasicBlock, a transformer's
 attention or MLP) unless it holds more than ``max_block_layers`` of them, in
 which case its children are split the same way. ``names``: exactly the listed
 modules, in the given order.
+
+A unit is replayed from its captured inputs, so it must take tensors (or sparse
+tensors) positionally. Detector parts often do not (a voxel encoder takes
+coordinates plus metadata, an FPN neck a list of maps): ``refine_units`` runs one
+batch, finds the blocks whose calls are not tensors-only and splits them into
+their children.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..quant.modules import QuantModuleMixin
@@ -74,3 +82,34 @@ def find_units(model: nn.Module, granularity: str = "block", names: Sequence[str
         _split("", model, max_block_layers, units)
         return units
     raise ValueError(f"unknown granularity {granularity!r}; use 'layer', 'block' or give unit names")
+
+
+def _tensor_call(args: tuple, kwargs: dict) -> bool:
+    def ok(a: Any) -> bool:
+        return isinstance(a, torch.Tensor) or (hasattr(a, "features") and hasattr(a, "indices"))
+    return bool(args) and all(ok(a) for a in args) and not any(isinstance(v, torch.Tensor) for v in kwargs.values())
+
+
+def refine_units(units: list[Unit], run_once: Callable[[], Any], max_block_layers: int = 3) -> list[Unit]:
+    """Split blocks whose calls (seen while ``run_once()`` runs the model) are not tensors-only."""
+    for _ in range(16):  # each round goes one level deeper; real models settle in two or three
+        bad: set[str] = set()
+        handles = [u.module.register_forward_hook(
+            lambda m, a, k, o, name=u.name: None if _tensor_call(a, k) else bad.add(name), with_kwargs=True)
+            for u in units if not isinstance(u.module, QuantModuleMixin)]
+        try:
+            with torch.no_grad():
+                run_once()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not bad:
+            return units
+        refined: list[Unit] = []
+        for unit in units:
+            if unit.name in bad:
+                _split(unit.name, unit.module, max_block_layers, refined)  # its children, split as usual
+            else:
+                refined.append(unit)
+        units = refined
+    return units

@@ -1,0 +1,119 @@
+"""PTQ recipes: LiDAR-PTQ and the baselines it is compared with, as one data structure.
+
+A recipe says how to quantize (the quant config), how to calibrate (over active
+BEV sites or all of them) and whether/how to reconstruct. ``run_ptq`` executes
+any recipe; LiDAR-PTQ and its ablations are recipes made by ``LidarPTQConfig``.
+Recipes load from JSON files (configs/quant/ptq/*.json) or dicts:
+
+    {"method": "lidar_ptq", "w_bits": 8, "a_bits": 8, "recon": {"iterations": 2000}}
+    {"method": "qdrop", "w_bits": 4, "a_bits": 8, "recon": {"iterations": 2000}}
+
+Baselines follow common deployment practice: symmetric INT8 with per-channel
+weight max and per-tensor activations calibrated by max-min, TensorRT's entropy,
+or a percentile, over every site (empty pillars included); BRECQ and QDrop add
+block reconstruction from the max-min start.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from ..recon.engine import ReconConfig
+from .pipeline import LidarPTQConfig, PTQRecipe
+from .tgpl import TGPLConfig
+
+ACTIVATION_OBSERVERS = {"maxmin": "minmax", "entropy": "entropy", "percentile": "percentile",
+                        "brecq": "minmax", "qdrop": "minmax"}
+BASELINES = tuple(ACTIVATION_OBSERVERS)
+METHODS = ("lidar_ptq", *BASELINES)
+
+
+def _baseline(method: str, spec: Mapping[str, Any]) -> PTQRecipe:
+    w_bits, a_bits = int(spec.get("w_bits", 8)), int(spec.get("a_bits", 8))
+    observer_kwargs = dict(spec.get("observer_kwargs", {}))
+    quant = {"weight": {"bits": w_bits, "per_channel": True, "symmetric": True, "observer": "minmax"},
+             "input": {"bits": a_bits, "symmetric": True, "observer": ACTIVATION_OBSERVERS[method],
+                       "observer_kwargs": observer_kwargs},
+             "overrides": dict(spec.get("overrides", {}))}
+    recon = None
+    if method in ("brecq", "qdrop"):
+        recon = ReconConfig.from_method(method, **dict(spec.get("recon", {})))
+    elif spec.get("recon"):
+        raise ValueError(f"method {method!r} does not reconstruct; drop 'recon' or use brecq/qdrop/lidar_ptq")
+    return PTQRecipe(f"{method}_w{w_bits}a{a_bits}", quant, recon, False, int(spec.get("calib_frames", 256)),
+                     dict(spec))
+
+
+def recipe_from_dict(spec: Mapping[str, Any]) -> PTQRecipe:
+    """A recipe from its dict form; unknown methods or keys are errors that list the valid ones."""
+    method = spec.get("method", "lidar_ptq")
+    if method not in METHODS:
+        raise ValueError(f"unknown PTQ method {method!r}; choose from {list(METHODS)}")
+    if method != "lidar_ptq":
+        allowed = {"method", "name", "w_bits", "a_bits", "observer_kwargs", "overrides", "recon", "calib_frames"}
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in a {method!r} recipe; valid: {sorted(allowed)}")
+        recipe = _baseline(method, spec)
+    else:
+        known = {f.name for f in fields(LidarPTQConfig)}
+        unknown = sorted(set(spec) - known - {"method", "name"})
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in a lidar_ptq recipe; valid: {sorted(known)}")
+        kwargs = {k: v for k, v in spec.items() if k in known}
+        if isinstance(kwargs.get("tgpl_config"), Mapping):
+            kwargs["tgpl_config"] = TGPLConfig(**kwargs["tgpl_config"])
+        recipe = LidarPTQConfig(**kwargs).recipe()
+    if spec.get("name"):
+        recipe.name = str(spec["name"])
+    recipe.source = dict(spec)
+    return recipe
+
+
+def load_recipe(recipe: str | Path | Mapping[str, Any] | PTQRecipe | None) -> PTQRecipe:
+    """A recipe from a JSON file, a method name (defaults), a dict, or None (LiDAR-PTQ W8A8)."""
+    if recipe is None:
+        return recipe_from_dict({"method": "lidar_ptq"})
+    if isinstance(recipe, PTQRecipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return recipe_from_dict(recipe)
+    text = str(recipe)
+    if text in METHODS:
+        return recipe_from_dict({"method": text})
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"PTQ recipe {text!r} is neither a file nor a method name ({list(METHODS)})")
+    try:
+        return recipe_from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"PTQ recipe {path} is not valid JSON: {err}") from err
+
+
+def merge_options(spec: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply dotted ``key.sub=value`` overrides (from the command line) to a recipe dict."""
+    merged = json.loads(json.dumps(dict(spec)))
+    for dotted, value in options.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return merged
+
+
+def resolve_recipe(recipe: str | Path | Mapping[str, Any] | PTQRecipe | None, calib_frames: int | None = None,
+                   options: Mapping[str, Any] | None = None) -> PTQRecipe:
+    """``load_recipe`` plus command-line style overrides (dotted options, calibration frames)."""
+    if isinstance(recipe, PTQRecipe):
+        if options or calib_frames is not None:
+            raise ValueError("overrides apply to recipe dicts/files/names, not to a built PTQRecipe")
+        return recipe
+    spec = dict(recipe) if isinstance(recipe, Mapping) else load_recipe(recipe).source
+    spec = merge_options(spec, options or {})
+    if calib_frames is not None:
+        spec["calib_frames"] = int(calib_frames)
+    return load_recipe(spec)

@@ -1,0 +1,40 @@
+"""BatchNorm folding rules for the mmcv/mmdet3d blocks CenterPoint is built from.
+
+mmcv's ``ConvModule`` (conv -> norm -> act as attributes, used by CenterHead)
+and mmdet3d's ``PFNLayer`` (linear -> BN1d over a permuted tensor -> ReLU in the
+pillar encoder) wire their BN outside a sequential container, so
+``fold_batchnorms`` needs to be told.
+"""
+from __future__ import annotations
+
+from mmcv.cnn import ConvModule
+from mmdet3d.models.voxel_encoders.utils import PFNLayer
+from torch import nn
+
+from ..quant.fold import FOLD_RULES, fold_bn
+
+
+def fold_conv_module(module: ConvModule) -> list[str]:
+    if not (module.with_norm and isinstance(module.norm, nn.modules.batchnorm._BatchNorm)):
+        return []
+    if module.order.index("norm") < module.order.index("conv"):
+        return []  # a norm before the conv cannot be folded into it
+    fold_bn(module.conv, module.norm)
+    setattr(module, module.norm_name, nn.Identity())
+    act_follows = module.order.index("act") > module.order.index("norm")
+    if module.with_activation and act_follows and isinstance(module.activate, nn.ReLU):
+        module.conv.fused_activation = "relu"
+    return [module.norm_name]
+
+
+def fold_pfn_layer(layer: PFNLayer) -> list[str]:
+    if not isinstance(layer.norm, nn.modules.batchnorm._BatchNorm):
+        return []
+    fold_bn(layer.linear, layer.norm, weight_axis=0)
+    layer.norm = nn.Identity()
+    layer.linear.fused_activation = "relu"  # PFNLayer applies F.relu right after the norm
+    return ["norm"]
+
+
+FOLD_RULES[ConvModule] = fold_conv_module
+FOLD_RULES[PFNLayer] = fold_pfn_layer

@@ -1,0 +1,69 @@
+"""``PTQLoop``: the test loop behind tools/quantize.py (in the spirit of mmrazor's PTQLoop).
+
+float evaluation -> calibration frames -> quantization (any recipe) -> save
+(quantized.pth, quant_params.json) -> quantized evaluation -> metrics.json with
+both rows. Evaluation uses the config's own test dataloader and evaluator, so it
+is distributed exactly as mmdet3d's tools/test.py is under ``--launcher``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mmdet3d.registry import LOOPS
+from mmengine.dist import is_main_process
+from mmengine.runner import TestLoop
+
+from .hooks import quantize_runner_model
+from .ptq import load_float_checkpoint
+
+
+@LOOPS.register_module()
+class PTQLoop(TestLoop):
+    def __init__(self, runner: Any, dataloader: Any, evaluator: Any, fp16: bool = False, recipe: Any = "lidar_ptq",
+                 checkpoint: str | None = None, calib_frames: int | None = None, seed: int = 0,
+                 batch_size: int = 1, recipe_options: dict[str, Any] | None = None,
+                 evaluate_float: bool = True) -> None:
+        super().__init__(runner, dataloader, evaluator, fp16)
+        self.recipe, self.checkpoint, self.calib_frames = recipe, checkpoint, calib_frames
+        self.seed, self.batch_size, self.recipe_options = seed, batch_size, recipe_options or {}
+        self.evaluate_float = evaluate_float
+        self.metrics: dict[str, Any] = {}
+
+    def _evaluate(self) -> dict[str, float]:
+        self.runner.call_hook("before_test_epoch")
+        self.runner.model.eval()
+        for idx, data_batch in enumerate(self.dataloader):
+            self.run_iter(idx, data_batch)
+        metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
+        self.runner.call_hook("after_test_epoch", metrics=metrics)
+        return metrics
+
+    def run(self) -> dict[str, float]:
+        if self.checkpoint is not None:  # strict: a mismatching checkpoint is an error, not a warning
+            load_float_checkpoint(self.runner.model, self.checkpoint)
+        self.runner.call_hook("before_test")
+        results: dict[str, Any] = {}
+        seconds: dict[str, float] = {}
+        if self.evaluate_float:
+            start = time.perf_counter()
+            results["fp32"] = self._evaluate()
+            seconds["eval_fp32"] = time.perf_counter() - start
+        result = quantize_runner_model(self.runner, self.recipe, self.calib_frames, self.seed, self.batch_size,
+                                       self.recipe_options)
+        seconds["ptq"] = result.seconds
+        start = time.perf_counter()
+        results["int8"] = self._evaluate()
+        seconds["eval_int8"] = time.perf_counter() - start
+        self.metrics = {"recipe": result.recipe.name, "recipe_spec": result.recipe.source,
+                        "calib_frames": result.report.frames, "tgpl": result.tgpl,
+                        "unquantized_layers": result.unquantized, "seconds": seconds, **results}
+        if is_main_process():
+            path = Path(self.runner.work_dir) / "metrics.json"
+            tmp = path.with_name("metrics.json.tmp")
+            tmp.write_text(json.dumps(self.metrics, indent=1, default=float))
+            tmp.replace(path)
+        self.runner.call_hook("after_test")
+        return results["int8"]

@@ -1,0 +1,165 @@
+"""Quantize an mmdet3d detector with a PTQ recipe; save, reload and describe the result.
+
+Shared by the ``LidarPTQHook`` (quantize inside any mmdet3d test/val run) and
+the ``PTQLoop`` (float eval -> quantize -> save -> quantized eval) behind
+``tools/quantize.py``; neither adds an algorithm of its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import format_summary, iter_quantizers, quant_summary, quantize
+from ..lidar.pipeline import LidarPTQReport, PTQRecipe, run_ptq
+from ..lidar.recipes import load_recipe
+from ..quant.fold import fold_batchnorms
+from ..quant.modules import QuantModuleMixin
+from ..quant.quantizer import FakeQuantizer
+from .adapter import DetectorAdapter, DetectorBatch, has_heatmap_outputs, unwrap_model
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's keys or shapes do not fit the model built from the config."""
+
+
+@dataclass
+class DetectorPTQResult:
+    recipe: PTQRecipe
+    report: LidarPTQReport
+    seconds: float
+    tgpl: bool
+    unquantized: list[str]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, FakeQuantizer) for m in unwrap_model(model).modules())
+
+
+def load_float_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a float checkpoint strictly: a mismatch is an error listing what does not fit."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    detector = unwrap_model(model)
+    own = detector.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        def head(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = [f"{len(missing)} missing key(s): {head(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected key(s): {head(unexpected)}" if unexpected else "",
+                 f"{len(shapes)} shape mismatch(es): {head(shapes)}" if shapes else ""]
+        raise CheckpointMismatchError(f"checkpoint {path} does not match the model of this config ("
+                                      + "; ".join(p for p in parts if p)
+                                      + "): pass the config the checkpoint was trained with")
+    detector.load_state_dict(state, strict=True)
+
+
+def _unquantized_layers(adapter: nn.Module) -> list[str]:
+    """Layers with weights that stayed float (no fake-quant twin): reported, not fatal."""
+    skip = (QuantModuleMixin, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+    names = []
+    for name, module in adapter.named_modules():
+        own = [p for p in module.parameters(recurse=False)]
+        if own and not isinstance(module, skip) and not any(isinstance(m, QuantModuleMixin)
+                                                            for m in module.children()):
+            names.append(f"{name} ({type(module).__name__})")
+    return names
+
+
+def prepare(detector: nn.Module, recipe: PTQRecipe) -> DetectorAdapter:
+    """Fold BNs and swap in fake-quant twins (uncalibrated) for ``recipe``; returns the adapter."""
+    adapter = DetectorAdapter(detector)
+    fold_batchnorms(adapter)
+    quantize(adapter, recipe.quant)
+    adapter.sync()
+    return adapter
+
+
+def quantize_detector(model: nn.Module, batches: list[DetectorBatch], recipe: PTQRecipe | Any = None
+                      ) -> DetectorPTQResult:
+    """Quantize ``model`` (an mmdet3d detector, possibly wrapped) in place with ``recipe``."""
+    recipe = load_recipe(recipe)
+    detector = unwrap_model(model)
+    if is_quantized(detector):
+        raise RuntimeError("the model is already quantized (a LidarPTQHook and a PTQLoop both configured?); "
+                           "quantize once")
+    start = time.perf_counter()
+    adapter = DetectorAdapter(detector)
+    adapter.eval()
+    fold_batchnorms(adapter)
+    tgpl = recipe.recon is not None and recipe.recon.output_loss is not None
+    if tgpl:
+        with torch.no_grad():
+            sample = adapter(batches[0])
+        if not has_heatmap_outputs(sample):
+            log.warning("%s head outputs have no heatmaps: TGPL is skipped, reconstruction uses local losses only",
+                        type(adapter.head).__name__)
+            recipe = dataclasses.replace(recipe, recon=dataclasses.replace(recipe.recon, output_loss=None))
+            tgpl = False
+    occupancy = adapter.occupancy_source if recipe.sparse_calibration else None
+    report = run_ptq(adapter, batches, recipe, occupancy_source=occupancy)
+    adapter.sync()
+    unquantized = _unquantized_layers(adapter)
+    if unquantized:
+        log.warning("%d layer(s) with weights have no fake-quant twin and stay float: %s", len(unquantized),
+                    ", ".join(unquantized))
+    if report.uncalibrated:
+        log.warning("quantizers that saw no calibration data: %s", ", ".join(report.uncalibrated))
+    log.info("quantized with %s on %d frames in %.1f s\n%s", recipe.name, report.frames,
+             time.perf_counter() - start, format_summary(quant_summary(adapter)))
+    return DetectorPTQResult(recipe, report, time.perf_counter() - start, tgpl, unquantized)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_quantized(model: nn.Module, recipe: PTQRecipe, work_dir: str | os.PathLike) -> dict[str, Path]:
+    """``quantized.pth`` (state dict + recipe, reloads without calibration) and ``quant_params.json``."""
+    detector = unwrap_model(model)
+    work_dir = Path(work_dir)
+    checkpoint = {"state_dict": detector.state_dict(),
+                  "meta": {"lidar_ptq": {"format": FORMAT_VERSION, "recipe": recipe.source or {"method": recipe.name},
+                                         "recipe_name": recipe.name, "quant": recipe.quant}}}
+    paths = {"checkpoint": work_dir / "quantized.pth", "quant_params": work_dir / "quant_params.json"}
+    _atomic_write(paths["checkpoint"], lambda p: torch.save(checkpoint, p))
+    params = [q.quant_params() for _, q in iter_quantizers(detector)]
+    for (name, _), entry in zip(iter_quantizers(detector), params):
+        entry["name"] = name
+        entry["granularity"] = "per-tensor" if entry["axis"] is None else f"per-channel(axis={entry['axis']})"
+    _atomic_write(paths["quant_params"], lambda p: p.write_text(json.dumps(
+        {"recipe": recipe.name, "quantizers": params}, indent=1)))
+    return paths
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild the fake-quant detector from ``quantized.pth`` (no calibration data needed)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    meta = state.get("meta", {}).get("lidar_ptq") if isinstance(state, dict) else None
+    if meta is None:
+        raise ValueError(f"{path} is not a lidar_ptq quantized checkpoint (no meta.lidar_ptq); it may be a float "
+                         "checkpoint: quantize it with tools/quantize.py first")
+    detector = unwrap_model(model)
+    recipe = PTQRecipe(meta["recipe_name"], meta["quant"])
+    prepare(detector, recipe)
+    detector.load_state_dict(state["state_dict"], strict=True)
+    return detector
