@@ -264,3 +264,57 @@ def test_reconstruct_refuses_uncalibrated_models_and_bad_settings():
         ReconConfig(drop_prob=0.0)
     with pytest.raises(ValueError, match="empty"):
         reconstruct(quantized_tiny(), [], ReconConfig(iterations=1, progress=False))
+
+
+def test_output_loss_every_k_and_float_outputs_computed_once_per_batch():
+    model, data = w4a8_tiny(), tiny_data()
+    calls = {"loss": 0, "float": 0}
+
+    def loss(q, f, batch):
+        calls["loss"] += 1
+        return (q - f).pow(2).mean()
+
+    def count_float(module, args, output):
+        if not any(q.mode.value == "quantize" for _, q in lidar_ptq.iter_quantizers(model)):
+            calls["float"] += 1
+    handle = model.register_forward_hook(count_float)
+    report = reconstruct(model, data, ReconConfig.from_method("adaround", iterations=12, progress=False,
+                                                              output_loss=loss, output_loss_every=4))
+    handle.remove()
+    assert calls["loss"] == len(report.units) * 3       # steps 0, 4, 8 of each unit
+    # full float forwards (captures stop early and never finish one): batches 0, 1, 2 once each,
+    # shared by all units
+    assert calls["float"] == 3
+    with pytest.raises(ValueError, match="output_loss_every"):
+        ReconConfig(output_loss_every=0)
+
+
+class TakesAList(nn.Module):
+    """A block whose call is not tensors-only (like an FPN neck taking a list of maps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, xs: list) -> torch.Tensor:
+        return self.b(torch.relu(self.a(xs[0])))
+
+
+class ListModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.neck = nn.Linear(8, 8), TakesAList()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.neck([self.stem(x)])
+
+
+def test_blocks_with_non_tensor_calls_are_split_into_children():
+    torch.manual_seed(0)
+    model = ListModel()
+    data = [torch.randn(16, 8) for _ in range(2)]
+    lidar_ptq.quantize(model, "w8a8")
+    lidar_ptq.calibrate(model, data)
+    assert [u.name for u in find_units(model)] == ["stem", "neck"]
+    report = reconstruct(model, data, ReconConfig.from_method("brecq", iterations=5, progress=False))
+    assert [u.name for u in report.units] == ["stem", "neck.a", "neck.b"]

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from mmengine.evaluator import BaseMetric
 from mmdet3d.registry import METRICS
+from mmengine.evaluator import BaseMetric
 
 DIST_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
 

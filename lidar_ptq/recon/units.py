@@ -95,7 +95,8 @@ def refine_units(units: list[Unit], run_once: Callable[[], Any], max_block_layer
     for _ in range(16):  # each round goes one level deeper; real models settle in two or three
         bad: set[str] = set()
         handles = [u.module.register_forward_hook(
-            lambda m, a, k, o, name=u.name: None if _tensor_call(a, k) else bad.add(name), with_kwargs=True)
+            lambda m, a, k, o, name=u.name, bad=bad: None if _tensor_call(a, k) else bad.add(name),
+            with_kwargs=True)
             for u in units if not isinstance(u.module, QuantModuleMixin)]
         try:
             with torch.no_grad():

@@ -1,0 +1,29 @@
+"""Evaluate a detector on a config's test set in-process (no Runner), for benchmarks that
+quantize the same model many times."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from mmengine.evaluator import Evaluator
+from mmengine.runner import Runner
+
+
+def build_test_loader(cfg: Any, frames: int | None = None) -> Any:
+    """The config's test dataloader, on its first ``frames`` frames (all when None), no workers."""
+    loader_cfg = cfg.test_dataloader.copy()
+    loader_cfg["num_workers"], loader_cfg["persistent_workers"] = 0, False
+    if frames is not None:
+        loader_cfg["dataset"] = {**loader_cfg["dataset"], "indices": frames}
+    return Runner.build_dataloader(loader_cfg)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Any, evaluator_cfg: Any) -> dict[str, float]:
+    """Run ``model.test_step`` over ``loader`` and score it with the configured evaluator."""
+    evaluator = Evaluator(evaluator_cfg)
+    evaluator.dataset_meta = loader.dataset.metainfo
+    model.eval()
+    for data in loader:
+        evaluator.process(data_samples=model.test_step(data), data_batch=data)
+    return evaluator.evaluate(len(loader.dataset))

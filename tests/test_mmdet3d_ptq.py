@@ -1,0 +1,164 @@
+"""mmdet3d integration: tools/quantize.py (PTQLoop) and the LidarPTQHook route, on the synthetic
+benchmark's small CenterPoint-Pillar (random weights, a few frames) and bad-input errors."""
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import import_or_skip
+
+pytestmark = pytest.mark.mmdet3d
+import_or_skip("mmdet3d")
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+import lidar_ptq.mmdet3d  # noqa: E402,F401
+from lidar_ptq.mmdet3d.adapter import DetectorAdapter  # noqa: E402
+from lidar_ptq.mmdet3d.calibration import build_calibration_loader, check_points, collect_batches  # noqa: E402
+from lidar_ptq.mmdet3d.ptq import CheckpointMismatchError, load_float_checkpoint, load_quantized  # noqa: E402
+from lidar_ptq.sim.dataset import DatasetSpec, generate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PILLAR = ROOT / "configs" / "synthetic" / "centerpoint_pillar_synthetic.py"
+VOXEL = ROOT / "configs" / "synthetic" / "centerpoint_voxel_synthetic.py"
+FAST = ["--quant-options", "recon.iterations=3", "recon.output_loss_every=2", "--calib-frames", "3"]
+
+
+def load_tool():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("quantize_tool", ROOT / "tools" / "quantize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A 5+3-frame synthetic set, a config pointing at it, and a random-weight float checkpoint."""
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(DatasetSpec(str(root / "data"), {"train": 5, "val": 3}, seed=3), workers=1, progress=False)
+    loader = "num_workers=0, persistent_workers=False, dataset=dict(data_root='{}/')".format(root / "data")
+    config = root / "pillar.py"
+    config.write_text(f"_base_ = ['{PILLAR}']\ntrain_dataloader = dict({loader})\n"
+                      f"val_dataloader = dict({loader})\ntest_dataloader = dict({loader})\n")
+    init_default_scope("mmdet3d")
+    from mmdet3d.registry import MODELS
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(str(config)).model)
+    checkpoint = root / "float.pth"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return {"root": root, "config": config, "checkpoint": checkpoint}
+
+
+def run_tool(args):
+    tool = load_tool()
+    cfg = tool.build_cfg(tool.parse_args(args))
+    runner = Runner.from_cfg(cfg)
+    runner.test()
+    return runner
+
+
+@pytest.fixture(scope="module")
+def quantized_run(synthetic):
+    work = synthetic["root"] / "work"
+    runner = run_tool([str(synthetic["config"]), str(synthetic["checkpoint"]), "--work-dir", str(work), *FAST])
+    return runner, work
+
+
+def test_tool_writes_metrics_checkpoint_and_params(quantized_run):
+    runner, work = quantized_run
+    metrics = json.loads((work / "metrics.json").read_text())
+    for kind in ("fp32", "int8"):
+        assert 0.0 <= metrics[kind]["det/mAP"] <= 1.0
+        assert {"det/AP_car", "det/AP_pedestrian", "det/AP_bicycle"} <= set(metrics[kind])
+    assert metrics["recipe"] == "lidar_ptq_w8a8" and metrics["calib_frames"] == 3 and metrics["tgpl"] is True
+    params = json.loads((work / "quant_params.json").read_text())["quantizers"]
+    by_name = {p["name"]: p for p in params}
+    pfn = by_name["pts_voxel_encoder.pfn_layers.0.linear.weight_quantizer"]
+    assert pfn["bits"] == 8 and pfn["granularity"] == "per-channel(axis=0)" and len(pfn["scale"]) == 32
+    assert all(p["calibrated"] for p in params)
+    assert len(params) >= 2 * 30  # every conv/linear of the PFN, backbone, neck and head: weight + input
+
+
+def test_quantized_checkpoint_reloads_without_calibration(quantized_run, synthetic):
+    runner, work = quantized_run
+    cfg = runner.cfg
+    batches = collect_batches(runner.model, build_calibration_loader(cfg, 2, seed=5), progress=False)
+    quantized = DetectorAdapter(runner.model).eval()
+    from mmdet3d.registry import MODELS
+    fresh = MODELS.build(cfg.model)
+    load_quantized(fresh, work / "quantized.pth")
+    reloaded = DetectorAdapter(fresh).eval()
+    with torch.no_grad():
+        for batch in batches:
+            a, b = quantized(batch), reloaded(batch)
+            for ta, tb in zip(a[0], b[0]):
+                for key in ta:
+                    torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=0)
+    # and it really is quantized: float mode changes the heatmap
+    from lidar_ptq import set_quant_mode
+    with torch.no_grad():
+        q = reloaded(batches[0])[0][0]["heatmap"]
+        set_quant_mode(fresh, "float")
+        f = reloaded(batches[0])[0][0]["heatmap"]
+    assert not torch.equal(q, f)
+
+
+def test_hook_route_gives_the_same_quantized_metrics(quantized_run, synthetic):
+    _, work = quantized_run
+    loop_metrics = json.loads((work / "metrics.json").read_text())["int8"]
+    cfg = Config.fromfile(str(synthetic["config"]))
+    cfg.custom_hooks = [dict(type="LidarPTQHook", recipe="lidar_ptq", calib_frames=3,
+                             recipe_options={"recon.iterations": 3, "recon.output_loss_every": 2})]
+    cfg.load_from = str(synthetic["checkpoint"])
+    cfg.work_dir = str(synthetic["root"] / "hook")
+    metrics = Runner.from_cfg(cfg).test()
+    for key, value in loop_metrics.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+    assert (synthetic["root"] / "hook" / "quantized.pth").is_file()
+
+
+def test_baseline_recipe_and_skip_float_eval(synthetic):
+    work = synthetic["root"] / "maxmin"
+    run_tool([str(synthetic["config"]), str(synthetic["checkpoint"]), "--work-dir", str(work),
+              "--quant-config", str(ROOT / "configs" / "quant" / "ptq" / "maxmin_w8a8.json"),
+              "--calib-frames", "2", "--skip-float-eval"])
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert "fp32" not in metrics and metrics["recipe"] == "maxmin_w8a8" and "det/mAP" in metrics["int8"]
+
+
+def test_missing_inputs_are_clear_errors(synthetic, capsys):
+    tool = load_tool()
+    assert tool.main(["configs/nope.py", str(synthetic["checkpoint"])]) == 2
+    assert "config configs/nope.py does not exist" in capsys.readouterr().err
+    assert tool.main([str(synthetic["config"]), "missing.pth"]) == 2
+    assert "checkpoint missing.pth does not exist" in capsys.readouterr().err
+    assert tool.main([str(synthetic["config"]), str(synthetic["checkpoint"]), "--quant-config", "magic"]) == 2
+    assert "neither a file nor a method name" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_rejected(synthetic):
+    from mmdet3d.registry import MODELS
+    init_default_scope("mmdet3d")
+    voxel = MODELS.build(Config.fromfile(str(VOXEL)).model)
+    path = synthetic["root"] / "voxel.pth"
+    torch.save({"state_dict": voxel.state_dict()}, path)
+    pillar = MODELS.build(Config.fromfile(str(synthetic["config"])).model)
+    with pytest.raises(CheckpointMismatchError, match="missing key.*pts_voxel_encoder.pfn_layers"):
+        load_float_checkpoint(pillar, path)
+
+
+def test_too_few_calibration_frames(synthetic):
+    cfg = Config.fromfile(str(synthetic["config"]))
+    with pytest.raises(ValueError, match="has 5 frames but 50 were asked for"):
+        build_calibration_loader(cfg, 50)
+
+
+def test_nan_points_raise_and_empty_frames_warn(caplog):
+    with pytest.raises(ValueError, match="frame a.bin has 1 point.*NaN"):
+        check_points(torch.tensor([[0.0, 1.0, 2.0, 3.0], [float("nan"), 0.0, 0.0, 0.0]]), "a.bin")
+    with caplog.at_level(logging.WARNING):
+        assert check_points(torch.zeros(0, 4), "b.bin") is False
+    assert "frame b.bin has no points" in caplog.text

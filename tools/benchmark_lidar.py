@@ -1,0 +1,173 @@
+"""LiDAR benchmark: FP32 vs PTQ methods on the synthetic CenterPoint-Pillar/Voxel (nuScenes-style mAP).
+
+Rows (W8A8): maxmin, entropy, percentile, brecq, qdrop, lidar_ptq and the LiDAR-PTQ ablation
+(ablation:maxmin = sparse max-min ranges, +grid = Lp grid search of the clipping range,
++tgpl = TGPL-driven activation steps, +rounding = adaptive rounding, i.e. full LiDAR-PTQ);
+W4A8: maxmin, qdrop, lidar_ptq. Every method sees the same calibration frames and the same
+reconstruction budget. Rows are appended to benchmarks/lidar.json as they finish (a killed run
+resumes); benchmarks/lidar.md and the PNG plots are rewritten from it.
+
+    python tools/benchmark_lidar.py [--models pillar voxel] [--val-frames 200] [--calib-frames 32]
+                                    [--iterations 100] [--output-loss-every 4] [--fresh]
+Models come from tools/train.py (benchmarks/models/centerpoint_<model>_synthetic.pth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+import lidar_ptq.mmdet3d  # noqa: F401  (registries)
+from lidar_ptq.lidar.recipes import recipe_from_dict
+from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
+from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate
+from lidar_ptq.mmdet3d.ptq import load_float_checkpoint, quantize_detector
+from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"pillar": ROOT / "configs/synthetic/centerpoint_pillar_synthetic.py",
+           "voxel": ROOT / "configs/synthetic/centerpoint_voxel_synthetic.py"}
+ABLATION = {"ablation:maxmin": dict(grid_search=False, tgpl=False, adaptive_rounding=False),
+            "ablation:+grid": dict(tgpl=False, adaptive_rounding=False),
+            "ablation:+tgpl": dict(adaptive_rounding=False),
+            "ablation:+rounding": dict()}
+ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "brecq", "qdrop", "lidar_ptq", *ABLATION)] + \
+       [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq")]
+
+
+def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace) -> dict[str, Any]:
+    recon = {"iterations": args.iterations, "batch_size": 4, "seed": args.seed}
+    if method in ("lidar_ptq", *ABLATION):
+        spec = {"method": "lidar_ptq", "w_bits": w, "a_bits": a, **ABLATION.get(method, {})}
+        recon["output_loss_every"] = args.output_loss_every
+    else:
+        spec = {"method": method, "w_bits": w, "a_bits": a}
+        if method == "percentile":
+            spec["observer_kwargs"] = {"percentile": 99.99}
+    if method in ("brecq", "qdrop") or spec["method"] == "lidar_ptq":
+        spec["recon"] = recon
+    spec["calib_frames"] = args.calib_frames
+    return spec
+
+
+def build_model(cfg: Config, checkpoint: Path) -> torch.nn.Module:
+    from mmdet3d.registry import MODELS
+    model = MODELS.build(cfg.model)
+    load_float_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    lines = ["# LiDAR benchmark (synthetic CenterPoint, nuScenes-style mAP x100)", "",
+             f"{result['meta']['note']}", ""]
+    for model in sorted({r["model"] for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        lines += [f"## {model}", "", "| method | W/A | mAP | delta vs FP32 | car | pedestrian | bicycle | PTQ s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ap = r.get("per_class", {})
+            lines.append(f"| {r['method']} | {r['w_bits']}/{r['a_bits']} | {100 * r['value']:.2f} | "
+                         f"{100 * (r['value'] - r['fp32']):+.2f} | "
+                         + " | ".join(f"{100 * ap.get(c, float('nan')):.2f}" for c in ("car", "pedestrian", "bicycle"))
+                         + f" | {r['seconds']:.0f} |")
+        lines.append("")
+    out.with_suffix(".md").write_text("\n".join(lines))
+    plot(result, out.parent)
+
+
+def plot(result: dict[str, Any], folder: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for model in sorted({r["model"] for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        fig, ax = plt.subplots(figsize=(10, 4))
+        labels = [f"{r['method']}\nW{r['w_bits']}A{r['a_bits']}" for r in rows]
+        ax.bar(range(len(rows)), [100 * r["value"] for r in rows], color="tab:blue")
+        ax.axhline(100 * rows[0]["fp32"], color="k", ls="--", label="FP32")
+        ax.set_xticks(range(len(rows)), labels, rotation=60, fontsize=7)
+        ax.set_ylabel("mAP")
+        ax.set_title(f"synthetic CenterPoint-{model}: PTQ methods")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / f"lidar_{model}.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["pillar", "voxel"], choices=list(CONFIGS))
+    parser.add_argument("--val-frames", type=int, default=200)
+    parser.add_argument("--calib-frames", type=int, default=32)
+    parser.add_argument("--iterations", type=int, default=100, help="reconstruction iterations per unit")
+    parser.add_argument("--output-loss-every", type=int, default=4, help="TGPL (full model) step every k")
+    parser.add_argument("--rows", nargs="*", help="only these methods (e.g. lidar_ptq maxmin)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "lidar.json")
+    parser.add_argument("--fresh", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    init_default_scope("mmdet3d")
+    meta = {"val_frames": args.val_frames, "calib_frames": args.calib_frames, "iterations": args.iterations,
+            "output_loss_every": args.output_loss_every, "seed": args.seed, "torch": torch.__version__,
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "note": (f"Synthetic LiDAR val set, first {args.val_frames} frames; {args.calib_frames} calibration "
+                     f"frames from the training set; reconstruction {args.iterations} iterations per unit "
+                     f"(TGPL step every {args.output_loss_every}). mAP: nuScenes-style, centre distance "
+                     "0.5/1/2/4 m, nuscenes-devkit matching.")}
+    result = {"meta": meta, "rows": []}
+    if args.out.is_file() and not args.fresh:
+        previous = json.loads(args.out.read_text())
+        if {k: v for k, v in previous["meta"].items() if k != "machine"} == \
+                {k: v for k, v in meta.items() if k != "machine"}:
+            result = previous
+    done = {(r["model"], r["method"], r["w_bits"], r["a_bits"]) for r in result["rows"]}
+    for name in args.models:
+        cfg = Config.fromfile(str(CONFIGS[name]))
+        ensure_synthetic_data(cfg)
+        checkpoint = ROOT / "benchmarks" / "models" / f"centerpoint_{name}_synthetic.pth"
+        loader = build_test_loader(cfg, args.val_frames)
+        model = build_model(cfg, checkpoint)
+        start = time.perf_counter()
+        fp32 = evaluate(model, loader, cfg.test_evaluator)
+        fp32_row = {"model": f"centerpoint_{name}_synthetic", "method": "fp32", "w_bits": 32, "a_bits": 32,
+                    "metric": "mAP", "value": fp32["det/mAP"], "fp32": fp32["det/mAP"],
+                    "seconds": time.perf_counter() - start}
+        batches = collect_batches(model, build_calibration_loader(cfg, args.calib_frames, args.seed))
+        rows = [("fp32", 32, 32)] + [r for r in ROWS if not args.rows or r[0] in args.rows]
+        for method, w, a in rows:
+            key = (fp32_row["model"], method, w, a)
+            if key in done:
+                continue
+            if method == "fp32":
+                row, metrics = fp32_row, fp32
+            else:
+                model = build_model(cfg, checkpoint)
+                spec = recipe_spec(method, w, a, args)
+                outcome = quantize_detector(model, batches, recipe_from_dict(spec))
+                metrics = evaluate(model, loader, cfg.test_evaluator)
+                row = {"model": fp32_row["model"], "method": method, "w_bits": w, "a_bits": a, "metric": "mAP",
+                       "value": metrics["det/mAP"], "fp32": fp32["det/mAP"], "seconds": outcome.seconds,
+                       "recipe": spec}
+            row["per_class"] = {c: metrics[f"det/AP_{c}"] for c in ("car", "pedestrian", "bicycle")}
+            result["rows"].append(row)
+            done.add(key)
+            write_outputs(result, args.out)
+            print(f"{row['model']} {method} W{w}A{a}: mAP {100 * row['value']:.2f} (fp32 "
+                  f"{100 * row['fp32']:.2f}) in {row['seconds']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
