@@ -1,4 +1,7 @@
-"""BatchNorm folding rules for the mmcv/mmdet3d blocks CenterPoint is built from.
+"""mmcv/mmdet3d layers CenterPoint is built from: fake-quant twins and BatchNorm folding rules.
+
+mmcv's registered layer wrappers (``deconv`` is ``mmcv.cnn.bricks.wrappers.ConvTranspose2d``,
+a torch subclass that only special-cases empty inputs) get the torch layers' twins.
 
 mmcv's ``ConvModule`` (conv -> norm -> act as attributes, used by CenterHead)
 and mmdet3d's ``PFNLayer`` (linear -> BN1d over a permuted tensor -> ReLU in the
@@ -8,10 +11,16 @@ pillar encoder) wire their BN outside a sequential container, so
 from __future__ import annotations
 
 from mmcv.cnn import ConvModule
+from mmcv.cnn.bricks import wrappers
 from mmdet3d.models.voxel_encoders.utils import PFNLayer
 from torch import nn
 
 from ..quant.fold import FOLD_RULES, fold_bn
+from ..quant.modules import QUANT_MODULES, QuantConv2d, QuantConv3d, QuantConvTranspose2d, QuantLinear
+
+for _wrapper, _twin in ((wrappers.Conv2d, QuantConv2d), (wrappers.Conv3d, QuantConv3d),
+                        (wrappers.ConvTranspose2d, QuantConvTranspose2d), (wrappers.Linear, QuantLinear)):
+    QUANT_MODULES.setdefault(_wrapper, _twin)
 
 
 def fold_conv_module(module: ConvModule) -> list[str]:
