@@ -146,7 +146,8 @@ def test_checkpoint_of_another_model_is_rejected(synthetic):
     path = synthetic["root"] / "voxel.pth"
     torch.save({"state_dict": voxel.state_dict()}, path)
     pillar = MODELS.build(Config.fromfile(str(synthetic["config"])).model)
-    with pytest.raises(CheckpointMismatchError, match="missing key.*unexpected key.*shape mismatch.*pass the config the checkpoint was trained with"):
+    expected = "missing key.*unexpected key.*shape mismatch.*pass the config the checkpoint was trained with"
+    with pytest.raises(CheckpointMismatchError, match=expected):
         load_float_checkpoint(pillar, path)
 
 

@@ -18,11 +18,11 @@ import_or_skip("mmdet3d")
 import_or_skip("spconv")
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
+from test_mmdet3d_ptq import run_tool  # noqa: E402
 
 from lidar_ptq.mmdet3d.adapter import DetectorAdapter  # noqa: E402
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches  # noqa: E402
 from lidar_ptq.mmdet3d.ptq import load_quantized  # noqa: E402
-from test_mmdet3d_ptq import run_tool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "nuscenes_demo"
