@@ -80,6 +80,8 @@ def test_tool_writes_metrics_checkpoint_and_params(quantized_run):
     assert pfn["bits"] == 8 and pfn["granularity"] == "per-channel(axis=0)" and len(pfn["scale"]) == 32
     assert all(p["calibrated"] for p in params)
     assert len(params) >= 2 * 30  # every conv/linear of the PFN, backbone, neck and head: weight + input
+    assert metrics["unquantized_layers"] == []
+    assert (work / "bev_fp32_vs_int8.png").stat().st_size > 10_000
 
 
 def test_quantized_checkpoint_reloads_without_calibration(quantized_run, synthetic):

@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from mmdet3d.registry import LOOPS
 from mmengine.dist import is_main_process
 from mmengine.runner import TestLoop
+from mmengine.runner.amp import autocast
 
 from .hooks import quantize_runner_model
 from .ptq import load_float_checkpoint
+from .visualize import plot_bev
 
 
 @LOOPS.register_module()
@@ -31,12 +34,27 @@ class PTQLoop(TestLoop):
         self.seed, self.batch_size, self.recipe_options = seed, batch_size, recipe_options or {}
         self.evaluate_float = evaluate_float
         self.metrics: dict[str, Any] = {}
+        self.first_frame: dict[str, Any] = {}
+        self.last_outputs: Any = None
 
-    def _evaluate(self) -> dict[str, float]:
+    @torch.no_grad()
+    def run_iter(self, idx: int, data_batch: Any) -> None:
+        """TestLoop.run_iter that also keeps the outputs (for the BEV plot of the first frame)."""
+        self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
+        with autocast(enabled=self.fp16):
+            outputs = self.runner.model.test_step(data_batch)
+        self.last_outputs = outputs
+        self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+        self.runner.call_hook("after_test_iter", batch_idx=idx, data_batch=data_batch, outputs=outputs)
+
+    def _evaluate(self, kind: str) -> dict[str, float]:
         self.runner.call_hook("before_test_epoch")
         self.runner.model.eval()
         for idx, data_batch in enumerate(self.dataloader):
             self.run_iter(idx, data_batch)
+            if idx == 0:  # first frame kept for the BEV plot
+                self.first_frame[kind] = self.last_outputs[0]
+                self.first_frame["points"] = data_batch["inputs"]["points"][0].cpu().numpy()
         metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
         self.runner.call_hook("after_test_epoch", metrics=metrics)
         return metrics
@@ -49,21 +67,34 @@ class PTQLoop(TestLoop):
         seconds: dict[str, float] = {}
         if self.evaluate_float:
             start = time.perf_counter()
-            results["fp32"] = self._evaluate()
+            results["fp32"] = self._evaluate("fp32")
             seconds["eval_fp32"] = time.perf_counter() - start
         result = quantize_runner_model(self.runner, self.recipe, self.calib_frames, self.seed, self.batch_size,
                                        self.recipe_options)
         seconds["ptq"] = result.seconds
         start = time.perf_counter()
-        results["int8"] = self._evaluate()
+        results["int8"] = self._evaluate("int8")
         seconds["eval_int8"] = time.perf_counter() - start
         self.metrics = {"recipe": result.recipe.name, "recipe_spec": result.recipe.source,
                         "calib_frames": result.report.frames, "tgpl": result.tgpl,
                         "unquantized_layers": result.unquantized, "seconds": seconds, **results}
         if is_main_process():
+            self._plot()
             path = Path(self.runner.work_dir) / "metrics.json"
             tmp = path.with_name("metrics.json.tmp")
             tmp.write_text(json.dumps(self.metrics, indent=1, default=float))
             tmp.replace(path)
         self.runner.call_hook("after_test")
         return results["int8"]
+
+    def _plot(self) -> None:
+        """``bev_fp32_vs_int8.png`` in the work dir: the first test frame, both models' detections."""
+        frame = self.first_frame
+        if "int8" not in frame:
+            return
+        detections = {k.upper(): frame[k].pred_instances_3d for k in ("fp32", "int8") if k in frame}
+        gt = frame["int8"].get("eval_ann_info", {}).get("gt_bboxes_3d")
+        cloud_range = self.runner.cfg.get("point_cloud_range")
+        plot_bev(frame["points"], gt, detections, Path(self.runner.work_dir) / "bev_fp32_vs_int8.png",
+                 extent=abs(cloud_range[0]) if cloud_range else None,
+                 title=f"{Path(str(frame['int8'].metainfo.get('lidar_path', ''))).name}: FP32 vs INT8")

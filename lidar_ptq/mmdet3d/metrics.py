@@ -60,11 +60,11 @@ def center_distance_map(frames: list[dict[str, Any]], classes: Sequence[str],
 
 
 def _box_record(boxes: Any, labels: Any, scores: Any | None, limit: float | None) -> dict[str, np.ndarray]:
-    centres = boxes.gravity_center.cpu().numpy()
-    dims = boxes.dims.cpu().numpy()
-    yaws = boxes.yaw.cpu().numpy()
+    centres = boxes.gravity_center.detach().cpu().numpy()
+    dims = boxes.dims.detach().cpu().numpy()
+    yaws = boxes.yaw.detach().cpu().numpy()
     labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
-    scores = np.ones(len(labels)) if scores is None else scores.cpu().numpy()
+    scores = np.ones(len(labels)) if scores is None else scores.detach().cpu().numpy()
     keep = np.ones(len(labels), dtype=bool) if limit is None else np.all(np.abs(centres[:, :2]) <= limit, axis=1)
     keep &= labels >= 0
     return {"centres": centres[keep], "sizes": dims[keep], "yaws": yaws[keep], "labels": labels[keep],
