@@ -50,7 +50,10 @@ class LidarPTQConfig:
     grid_search: bool = True
     tgpl: bool = True
     adaptive_rounding: bool = True
-    lp_norm: float = 2.0
+    # p of the clipping-range search. Objects live in rare, large BEV activations that p=2 clips away:
+    # on the synthetic pillar model the TGPL output error on the calibration frames was 0.340 (p=2),
+    # 0.093 (no search), 0.071 (p=4), 0.088 (p=6), and val mAP followed (65.0 / 72.6 / 73.3).
+    lp_norm: float = 4.0
     tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
     tgpl_weight: float = 1.0
     occupancy_source: str | None = None  # module whose output is the scattered BEV map (occupancy mask)
