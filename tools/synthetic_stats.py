@@ -60,7 +60,8 @@ def main() -> int:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['frames']} | {r['points_per_frame']:.0f} | "
                      f"{100 * r['nonempty_nuscenes_pillar_0.2m_51.2m']:.2f}% | "
-                     f"{100 * r['nonempty_synthetic_pillar_0.32m_38.4m']:.2f}% | {r['annotated_boxes_per_frame']:.1f} |")
+                     f"{100 * r['nonempty_synthetic_pillar_0.32m_38.4m']:.2f}% | "
+                     f"{r['annotated_boxes_per_frame']:.1f} |")
     (ROOT / "benchmarks" / "synthetic_data.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
