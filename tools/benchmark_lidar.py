@@ -150,8 +150,13 @@ def main() -> int:
             key = (fp32_row["model"], method, w, a)
             if key in done:
                 continue
+            same = [r for r in result["rows"] if r["model"] == fp32_row["model"] and r["method"] == "lidar_ptq"
+                    and (r["w_bits"], r["a_bits"]) == (w, a)]
             if method == "fp32":
                 row, metrics = fp32_row, fp32
+            elif method == "ablation:+rounding" and same:  # every stage on: the lidar_ptq row itself
+                row = {**same[0], "method": method, "same_as": "lidar_ptq"}
+                metrics = {f"det/AP_{c}": v for c, v in same[0]["per_class"].items()}
             else:
                 model = build_model(cfg, checkpoint)
                 spec = recipe_spec(method, w, a, args)
