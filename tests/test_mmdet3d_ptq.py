@@ -165,3 +165,15 @@ def test_nan_points_raise_and_empty_frames_warn(caplog):
     with caplog.at_level(logging.WARNING):
         assert check_points(torch.zeros(0, 4), "b.bin") is False
     assert "frame b.bin has no points" in caplog.text
+
+
+def test_demo_command_of_the_makefile_is_valid():
+    """`make demo`'s tools/quantize.py arguments build a runnable config with the CPU recipe."""
+    import re
+    make = (ROOT / "Makefile").read_text()
+    args = re.search(r"tools/quantize.py (.*?)\n\n", make, re.S).group(1).replace("\\\n", " ").split()
+    assert (ROOT / args[1]).is_file(), "the demo checkpoint must be committed"
+    tool = load_tool()
+    cfg = tool.build_cfg(tool.parse_args([str(ROOT / args[0]), str(ROOT / args[1]), *args[2:]]))
+    assert cfg.test_cfg.type == "PTQLoop" and cfg.test_cfg.recipe["recon"]["iterations"] == 60
+    assert cfg.synthetic_data.train == 2000 and cfg.work_dir == "work_dirs/demo"

@@ -73,14 +73,21 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
              f"{result['meta']['note']}", ""]
     for model in sorted({r["model"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["model"] == model]
-        lines += [f"## {model}", "", "| method | W/A | mAP | delta vs FP32 | car | pedestrian | bicycle | PTQ s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        info = ROOT / "benchmarks" / "models" / f"{model}.json"
+        train_s = json.loads(info.read_text()).get("train_wall_s") if info.is_file() else None
+        lines += [f"## {model}", ""]
+        if train_s:
+            lines += [f"Float training took {train_s / 60:.0f} min on this CPU (`{info.name}`); the last column is "
+                      "PTQ wall time as a fraction of it.", ""]
+        lines += ["| method | W/A | mAP | delta vs FP32 | car | pedestrian | bicycle | PTQ s | PTQ / training |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ap = r.get("per_class", {})
             lines.append(f"| {r['method']} | {r['w_bits']}/{r['a_bits']} | {100 * r['value']:.2f} | "
                          f"{100 * (r['value'] - r['fp32']):+.2f} | "
                          + " | ".join(f"{100 * ap.get(c, float('nan')):.2f}" for c in ("car", "pedestrian", "bicycle"))
-                         + f" | {r['seconds']:.0f} |")
+                         + f" | {r['seconds']:.0f} | "
+                         + (f"{r['seconds'] / train_s:.3f} |" if train_s and r["method"] != "fp32" else "- |"))
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     plot(result, out.parent)
@@ -116,7 +123,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "lidar.json")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown/plots from the JSON")
     args = parser.parse_args()
+    if args.report_only:
+        write_outputs(json.loads(args.out.read_text()), args.out)
+        return 0
     logging.basicConfig(level=logging.WARNING)
     init_default_scope("mmdet3d")
     meta = {"val_frames": args.val_frames, "calib_frames": args.calib_frames, "iterations": args.iterations,
