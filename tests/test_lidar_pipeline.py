@@ -7,6 +7,7 @@ import torch
 from test_tgpl import TinyCenterHead
 from torch import nn
 
+import lidar_ptq
 from lidar_ptq.lidar.pipeline import LidarPTQConfig, run_lidar_ptq
 from lidar_ptq.lidar.tgpl import TaskGuidedPositiveLoss
 
@@ -33,13 +34,31 @@ def test_stage_switches():
     q = cfg.quant_config()
     assert q["input"]["observer"] == "minmax" and q["input"]["observer_kwargs"] == {"sparse": False}
     assert cfg.recon_config() is None
+    assert cfg.recipe().quant_candidates == {} and cfg.recipe().select_loss is None
     cfg = LidarPTQConfig(tgpl=True, adaptive_rounding=False)
-    assert cfg.quant_config()["input"]["observer"] == "lp_search"
-    assert cfg.quant_config()["input"]["observer_kwargs"]["sparse"] is True
+    assert cfg.quant_config()["input"]["observer"] == "minmax"
+    assert cfg.quant_config(4.0)["input"]["observer"] == "lp_search"
+    assert cfg.quant_config(4.0)["input"]["observer_kwargs"] == {"sparse": True, "p": 4.0}
+    recipe = cfg.recipe()
+    assert list(recipe.quant_candidates) == ["maxmin", "lp2", "lp3", "lp4"]
+    assert isinstance(recipe.select_loss, TaskGuidedPositiveLoss)
     recon = cfg.recon_config()
     assert recon.rounding == "nearest" and recon.learn_act_scale and recon.output_loss is not None
     recon = LidarPTQConfig(tgpl=False).recon_config()
     assert recon.rounding == "adaround" and recon.output_loss is None
+
+
+def test_task_guided_range_search_keeps_the_candidate_with_the_lowest_output_error():
+    torch.manual_seed(0)
+    model = TinyBEVDetector().eval()
+    data = [sparse_bev(s) for s in range(3)]
+    cfg = LidarPTQConfig(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=3 * data[0].shape[0])
+    report = run_lidar_ptq(model, data, cfg)
+    assert set(report.selection) == {"maxmin", "lp2", "lp3", "lp4"}
+    chosen = min(report.selection, key=report.selection.get)
+    observer = lidar_ptq.quant_summary(model)[1]["observer"]
+    assert observer == ("minmax" if chosen == "maxmin" else "lp_search")
+    assert len(set(report.selection.values())) > 1  # the candidates really differ
 
 
 def test_full_pipeline_lowers_tgpl_loss_versus_max_min():

@@ -77,6 +77,7 @@ class PTQLoop(TestLoop):
         seconds["eval_int8"] = time.perf_counter() - start
         self.metrics = {"recipe": result.recipe.name, "recipe_spec": result.recipe.source,
                         "calib_frames": result.report.frames, "tgpl": result.tgpl,
+                        "range_search": result.report.selection,
                         "unquantized_layers": result.unquantized, "seconds": seconds, **results}
         if is_main_process():
             self._plot()

@@ -104,13 +104,14 @@ def quantize_detector(model: nn.Module, batches: list[DetectorBatch], recipe: PT
     adapter.eval()
     fold_batchnorms(adapter)
     tgpl = recipe.recon is not None and recipe.recon.output_loss is not None
-    if tgpl:
+    if tgpl or recipe.select_loss is not None:
         with torch.no_grad():
             sample = adapter(batches[0])
         if not has_heatmap_outputs(sample):
-            log.warning("%s head outputs have no heatmaps: TGPL is skipped, reconstruction uses local losses only",
-                        type(adapter.head).__name__)
-            recipe = dataclasses.replace(recipe, recon=dataclasses.replace(recipe.recon, output_loss=None))
+            log.warning("%s head outputs have no heatmaps: TGPL is skipped (reconstruction uses local losses, "
+                        "the range search keeps the first candidate)", type(adapter.head).__name__)
+            recon = dataclasses.replace(recipe.recon, output_loss=None) if recipe.recon is not None else None
+            recipe = dataclasses.replace(recipe, recon=recon, select_loss=None, quant_candidates={})
             tgpl = False
     occupancy = adapter.occupancy_source if recipe.sparse_calibration else None
     report = run_ptq(adapter, batches, recipe, occupancy_source=occupancy)
