@@ -37,10 +37,13 @@ def test_stage_switches():
     assert cfg.recipe().quant_candidates == {} and cfg.recipe().select_loss is None
     cfg = LidarPTQConfig(tgpl=True, adaptive_rounding=False)
     assert cfg.quant_config()["input"]["observer"] == "minmax"
-    assert cfg.quant_config(4.0)["input"]["observer"] == "lp_search"
-    assert cfg.quant_config(4.0)["input"]["observer_kwargs"] == {"sparse": True, "p": 4.0}
+    assert cfg.quant_config("lp4")["input"]["observer"] == "lp_search"
+    assert cfg.quant_config("lp4")["input"]["observer_kwargs"] == {"sparse": True, "p": 4.0}
+    assert cfg.quant_config("pct99.9")["input"]["observer_kwargs"] == {"sparse": True, "percentile": 99.9}
+    with pytest.raises(ValueError, match="unknown clipping rule"):
+        cfg.quant_config("magic")
     recipe = cfg.recipe()
-    assert list(recipe.quant_candidates) == ["maxmin", "lp2", "lp3", "lp4"]
+    assert list(recipe.quant_candidates) == ["maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99"]
     assert isinstance(recipe.select_loss, TaskGuidedPositiveLoss)
     recon = cfg.recon_config()
     assert recon.rounding == "nearest" and recon.learn_act_scale and recon.output_loss is not None
@@ -54,10 +57,11 @@ def test_task_guided_range_search_keeps_the_candidate_with_the_lowest_output_err
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=3 * data[0].shape[0])
     report = run_lidar_ptq(model, data, cfg)
-    assert set(report.selection) == {"maxmin", "lp2", "lp3", "lp4"}
+    assert set(report.selection) == {"maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99"}
     chosen = min(report.selection, key=report.selection.get)
-    observer = lidar_ptq.quant_summary(model)[1]["observer"]
-    assert observer == ("minmax" if chosen == "maxmin" else "lp_search")
+    observers = {row["observer"] for row in lidar_ptq.quant_summary(model)}
+    expected = {"maxmin": {"minmax"}, "lp": {"lp_search"}, "pct": {"minmax", "percentile"}}
+    assert observers == expected[chosen.rstrip("0123456789.")]
     assert len(set(report.selection.values())) > 1  # the candidates really differ
 
 

@@ -61,10 +61,11 @@ class LidarPTQConfig:
     adaptive_rounding: bool = True
     # The grid search of the clipping ranges. A local Lp error alone misleads on detectors (objects
     # live in rare, large BEV activations that p=2 clips away: on the synthetic pillar model p=2 cost
-    # 8 mAP), so the search is task-guided: every Lp norm in ``grid_candidates`` (None: no clipping,
-    # i.e. the sparse max-min ranges) calibrates a copy of the model and the one with the lowest TGPL
-    # error on the calibration frames is kept.
-    grid_candidates: tuple[float | None, ...] = (None, 2.0, 3.0, 4.0)
+    # 8 mAP), so the search is task-guided: every clipping rule in ``grid_candidates`` calibrates a copy
+    # of the model and the one with the lowest TGPL error on the calibration frames is kept. Rules:
+    # "maxmin" (no clipping: the sparse max-min ranges), "lp<p>" (Lp-error search of the clipping
+    # range, weights and activations), "pct<q>" (activations clipped at the q-th percentile of |x|).
+    grid_candidates: tuple[str, ...] = ("maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99")
     tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
     tgpl_weight: float = 1.0
     occupancy_source: str | None = None  # module whose output is the scattered BEV map (occupancy mask)
@@ -72,17 +73,23 @@ class LidarPTQConfig:
     recon: Mapping[str, Any] = field(default_factory=dict)      # ReconConfig overrides (iterations, ...)
     overrides: Mapping[str, Any] = field(default_factory=dict)  # quant-config overrides by module pattern
 
-    def quant_config(self, lp_norm: float | None = None) -> dict[str, Any]:
-        """The quant config of stages 1-2: max-min ranges (over active sites when sparse), clipped by an
-        Lp grid search when ``lp_norm`` is given."""
-        observer = "lp_search" if lp_norm is not None else "minmax"
-        kwargs: dict[str, Any] = {"sparse": self.sparse_calibration}
-        if lp_norm is not None:
-            kwargs["p"] = lp_norm
+    def quant_config(self, clipping: str = "maxmin") -> dict[str, Any]:
+        """The quant config of stages 1-2: max-min ranges (over active sites when sparse), clipped by
+        the rule ``clipping`` (see ``grid_candidates``)."""
+        w_observer, w_kwargs = "minmax", {}
+        a_observer, a_kwargs = "minmax", {"sparse": self.sparse_calibration}
+        if clipping.startswith("lp"):
+            p = float(clipping[2:])
+            w_observer, w_kwargs = "lp_search", {"p": p}
+            a_observer, a_kwargs = "lp_search", {**a_kwargs, "p": p}
+        elif clipping.startswith("pct"):
+            a_observer, a_kwargs = "percentile", {**a_kwargs, "percentile": float(clipping[3:])}
+        elif clipping != "maxmin":
+            raise ValueError(f"unknown clipping rule {clipping!r}: use 'maxmin', 'lp<p>' or 'pct<q>'")
         return {
-            "weight": {"bits": self.w_bits, "per_channel": True, "symmetric": True, "observer": observer,
-                       "observer_kwargs": {"p": lp_norm} if lp_norm is not None else {}},
-            "input": {"bits": self.a_bits, "symmetric": True, "observer": observer, "observer_kwargs": kwargs},
+            "weight": {"bits": self.w_bits, "per_channel": True, "symmetric": True, "observer": w_observer,
+                       "observer_kwargs": w_kwargs},
+            "input": {"bits": self.a_bits, "symmetric": True, "observer": a_observer, "observer_kwargs": a_kwargs},
             "overrides": dict(self.overrides),
         }
 
@@ -99,8 +106,7 @@ class LidarPTQConfig:
 
 
     def recipe(self, name: str | None = None) -> PTQRecipe:
-        candidates = ({("maxmin" if p is None else f"lp{p:g}"): self.quant_config(p) for p in self.grid_candidates}
-                      if self.grid_search else {})
+        candidates = {rule: self.quant_config(rule) for rule in self.grid_candidates} if self.grid_search else {}
         return PTQRecipe(name or f"lidar_ptq_w{self.w_bits}a{self.a_bits}", self.quant_config(),
                          self.recon_config(), self.sparse_calibration, self.calib_frames,
                          quant_candidates=candidates,
