@@ -175,7 +175,7 @@ def main() -> int:
                 metrics = evaluate(model, loader, cfg.test_evaluator)
                 row = {"model": fp32_row["model"], "method": method, "w_bits": w, "a_bits": a, "metric": "mAP",
                        "value": metrics["det/mAP"], "fp32": fp32["det/mAP"], "seconds": outcome.seconds,
-                       "recipe": spec}
+                       "recipe": spec, "range_search": outcome.report.selection}
             row["per_class"] = {c: metrics[f"det/AP_{c}"] for c in ("car", "pedestrian", "bicycle")}
             result["rows"].append(row)
             done.add(key)
