@@ -23,7 +23,8 @@ from lidar_ptq.sim.dataset import DatasetSpec, generate  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PILLAR = ROOT / "configs" / "synthetic" / "centerpoint_pillar_synthetic.py"
 VOXEL = ROOT / "configs" / "synthetic" / "centerpoint_voxel_synthetic.py"
-FAST = ["--quant-options", "recon.iterations=3", "recon.output_loss_every=2", "--calib-frames", "3"]
+FAST = ["--quant-options", "recon.iterations=3", "recon.output_loss_every=2", "grid_candidates=[maxmin,lp4]",
+        "--calib-frames", "3"]
 
 
 def load_tool():
@@ -113,7 +114,8 @@ def test_hook_route_gives_the_same_quantized_metrics(quantized_run, synthetic):
     loop_metrics = json.loads((work / "metrics.json").read_text())["int8"]
     cfg = Config.fromfile(str(synthetic["config"]))
     cfg.custom_hooks = [dict(type="LidarPTQHook", recipe="lidar_ptq", calib_frames=3,
-                             recipe_options={"recon.iterations": 3, "recon.output_loss_every": 2})]
+                             recipe_options={"recon.iterations": 3, "recon.output_loss_every": 2,
+                                             "grid_candidates": ["maxmin", "lp4"]})]
     cfg.load_from = str(synthetic["checkpoint"])
     cfg.work_dir = str(synthetic["root"] / "hook")
     metrics = Runner.from_cfg(cfg).test()
