@@ -82,10 +82,16 @@ def _unquantized_layers(adapter: nn.Module) -> list[str]:
     return names
 
 
-def prepare(detector: nn.Module, recipe: PTQRecipe) -> DetectorAdapter:
-    """Fold BNs and swap in fake-quant twins (uncalibrated) for ``recipe``; returns the adapter."""
+def folded_adapter(detector: nn.Module) -> DetectorAdapter:
+    """The detector's quantizable part with its BatchNorms folded, as an engine runs it."""
     adapter = DetectorAdapter(detector)
     fold_batchnorms(adapter)
+    return adapter
+
+
+def prepare(detector: nn.Module, recipe: PTQRecipe) -> DetectorAdapter:
+    """Fold BNs and swap in fake-quant twins (uncalibrated) for ``recipe``; returns the adapter."""
+    adapter = folded_adapter(detector)
     quantize(adapter, recipe.quant)
     adapter.sync()
     return adapter
@@ -100,16 +106,14 @@ def quantize_detector(model: nn.Module, batches: list[DetectorBatch], recipe: PT
         raise RuntimeError("the model is already quantized (a LidarPTQHook and a PTQLoop both configured?); "
                            "quantize once")
     start = time.perf_counter()
-    adapter = DetectorAdapter(detector)
-    adapter.eval()
-    fold_batchnorms(adapter)
+    adapter = folded_adapter(detector).eval()
     tgpl = recipe.recon is not None and recipe.recon.output_loss is not None
     if tgpl or recipe.select_loss is not None:
         with torch.no_grad():
             sample = adapter(batches[0])
         if not has_heatmap_outputs(sample):
             log.warning("%s head outputs have no heatmaps: TGPL is skipped (reconstruction uses local losses, "
-                        "the range search keeps the first candidate)", type(adapter.head).__name__)
+                        "the range search is skipped: max-min ranges)", type(adapter.head).__name__)
             recon = dataclasses.replace(recipe.recon, output_loss=None) if recipe.recon is not None else None
             recipe = dataclasses.replace(recipe, recon=recon, select_loss=None, quant_candidates={})
             tgpl = False
