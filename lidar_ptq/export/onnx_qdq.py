@@ -1,0 +1,237 @@
+"""Dense network -> ONNX with explicit QuantizeLinear/DequantizeLinear pairs.
+
+The fake-quant model is traced by torch's ONNX exporter while every enabled
+quantizer emits its exact Q/DQ pair: activations ``Q -> DQ`` with a per-tensor
+scale, weights stored as integer codes (int8 initialisers) behind a per-output-
+channel ``DequantizeLinear``, biases in float. That is TensorRT's explicit
+quantization form (symmetric, zero point 0), and ONNX Runtime runs it as well.
+
+``target="onnxruntime"`` rewrites one pattern for ONNX Runtime's CPU kernels:
+a ``Relu`` feeding an int8 ``QuantizeLinear`` blocks its QLinearConv fusion
+(it drops the Relu only when the zero point is the type's minimum), so such
+quantizers become uint8 with the same scale. Codes are unchanged except that
+values above 127 steps no longer saturate (they would be clipped in TensorRT).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from ..quant.functional import broadcast_shape, fake_quantize
+from ..quant.modules import QuantModuleMixin
+from ..quant.quantizer import FakeQuantizer
+from .checks import require_exportable
+
+log = logging.getLogger(__name__)
+TARGETS = ("tensorrt", "onnxruntime")
+DEFAULT_OPSET = 17
+
+
+@dataclass
+class _QDQConstants:
+    """A quantizer's scale/zero point (and, for weights, codes and dequantized values) taken out of the
+    module before tracing: the legacy tracer fails on module buffers read inside a custom Function."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    axis: int | None
+    qmin: int
+    qmax: int
+    codes: torch.Tensor | None = None
+    dequantized: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, quantizer: FakeQuantizer, weight: torch.Tensor | None = None) -> _QDQConstants:
+        dtype = torch.int8 if quantizer.spec.signed else torch.uint8
+        scale = quantizer.scale.detach().float().cpu().clone()
+        zero_point = quantizer.zero_point.detach().cpu().round().to(dtype)
+        axis = quantizer.channel_axis
+        scale, zero_point = (scale.reshape(-1), zero_point.reshape(-1)) if axis is not None else \
+            (scale.reshape(()), zero_point.reshape(()))
+        out = cls(scale, zero_point, axis, quantizer.spec.qmin, quantizer.spec.qmax)
+        if weight is not None:
+            out.codes = quantizer.to_int(weight.detach()).to(dtype).cpu()
+            out.dequantized = quantizer(weight.detach()).detach().clone()
+        return out
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        shape = broadcast_shape(self.scale.numel(), x.dim(), self.axis)
+        return fake_quantize(x, self.scale.to(x.device).reshape(shape),
+                             self.zero_point.to(x.device).float().reshape(shape), self.qmin, self.qmax)
+
+    def emit(self, g, value):
+        """ONNX nodes: DequantizeLinear(QuantizeLinear(value)), or DequantizeLinear(codes) for weights."""
+        attrs = {} if self.axis is None else {"axis_i": self.axis}
+        s = g.op("Constant", value_t=self.scale)
+        z = g.op("Constant", value_t=self.zero_point)
+        if self.codes is not None:
+            return g.op("DequantizeLinear", g.op("Constant", value_t=self.codes), s, z, **attrs)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", value, s, z, **attrs), s, z, **attrs)
+
+
+# Functions get an int key into this table (modules and dataclasses cannot travel through the tracer).
+_EXPORTING: dict[int, _QDQConstants] = {}
+
+
+class _QuantDequant(torch.autograd.Function):
+    """Fake quantization that exports as ONNX Q/DQ (activations) or DQ of integer codes (weights)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, key: int) -> torch.Tensor:  # noqa: D102
+        constants = _EXPORTING[key]
+        return constants.dequantized.to(x.device) if constants.codes is not None else constants.fake_quantize(x)
+
+    @staticmethod
+    def symbolic(g, x, key: int):  # noqa: D102
+        return _EXPORTING[key].emit(g, x)
+
+
+@contextlib.contextmanager
+def qdq_export_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every enabled quantizer of ``model`` traces as ONNX Q/DQ (forward values unchanged)."""
+    patched: list[nn.Module] = []
+    try:
+        for module in model.modules():
+            if isinstance(module, FakeQuantizer) and module.enabled:
+                _EXPORTING[id(module)] = _QDQConstants.of(module)
+                module.forward = lambda x, mask=None, _k=id(module): _QuantDequant.apply(x, _k)
+                patched.append(module)
+            if isinstance(module, QuantModuleMixin) and module.weight_quantizer.enabled:
+                _EXPORTING[id(module)] = _QDQConstants.of(module.weight_quantizer, module.float_weight)
+                module.quantized_weight = lambda _m=module: _QuantDequant.apply(_m.float_weight, id(_m))
+                patched.append(module)
+        yield model
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("quantized_weight", None)
+            _EXPORTING.pop(id(module), None)
+
+
+def export_onnx(model: nn.Module, args: tuple[Any, ...], path: str | os.PathLike, input_names: Sequence[str],
+                output_names: Sequence[str], dynamic_axes: dict[str, dict[int, str]] | None = None,
+                target: str = "tensorrt", opset: int = DEFAULT_OPSET, quantized: bool = True) -> onnx.ModelProto:
+    """Export ``model(*args)`` to ``path``: with explicit Q/DQ when ``quantized``, else the float graph.
+
+    The model is checked first (calibrated, symmetric for TensorRT, no learned
+    rounding left), then traced in eval mode; the file is validated with
+    ``onnx.checker`` and written atomically.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown export target {target!r}; choose from {TARGETS}")
+    if opset < 13:
+        raise ValueError(f"opset {opset} < 13: per-channel DequantizeLinear needs opset 13 or newer")
+    if quantized:
+        require_exportable(model, symmetric=(target == "tensorrt"))
+    was_training = model.training
+    model.eval()
+    buffer = io.BytesIO()
+    from ..api import set_quant_mode
+    modes = {name: q.mode for name, q in model.named_modules() if isinstance(q, FakeQuantizer)}
+    try:
+        set_quant_mode(model, "quantize" if quantized else "float")
+        context = qdq_export_mode(model) if quantized else contextlib.nullcontext()
+        with context, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, args, buffer, dynamo=False, opset_version=opset, input_names=list(input_names),
+                              output_names=list(output_names), dynamic_axes=dynamic_axes or {},
+                              do_constant_folding=True)
+    finally:
+        for name, q in model.named_modules():
+            if isinstance(q, FakeQuantizer) and name in modes:
+                q.mode = modes[name]
+        model.train(was_training)
+    proto = onnx.load_from_string(buffer.getvalue())
+    if quantized and target == "onnxruntime":
+        unsigned_after_relu(proto)
+    onnx.checker.check_model(proto)
+    save_onnx(proto, path)
+    return proto
+
+
+def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write atomically (a killed export leaves no truncated .onnx behind)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+# ----- graph helpers --------------------------------------------------------------------------------
+def constant_values(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initialisers and Constant-node outputs by tensor name."""
+    values = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def consumers(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def unsigned_after_relu(proto: onnx.ModelProto) -> int:
+    """Relu -> Q(int8, zp 0) -> DQ...  becomes  Relu -> Q(uint8, zp 0) -> DQ... (see the module docstring)."""
+    values = constant_values(proto)
+    users = consumers(proto)
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    changed = 0
+    for node in list(proto.graph.node):
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+            continue
+        source = producer.get(node.input[0])
+        zero_point = values.get(node.input[2])
+        if source is None or source.op_type != "Relu" or zero_point is None:
+            continue
+        if zero_point.dtype != np.int8 or np.any(zero_point != 0):
+            continue
+        dequants = users.get(node.output[0], [])
+        if not dequants or any(d.op_type != "DequantizeLinear" for d in dequants):
+            continue
+        name = f"{node.output[0]}_zero_point_u8"
+        proto.graph.initializer.append(numpy_helper.from_array(np.zeros(zero_point.shape, np.uint8), name))
+        node.input[2] = name
+        for d in dequants:
+            if len(d.input) > 2:
+                d.input[2] = name
+            else:
+                d.input.append(name)
+        changed += 1
+    prune_unused(proto)
+    log.debug("unsigned_after_relu: %d quantizers switched to uint8", changed)
+    return changed
+
+
+def prune_unused(proto: onnx.ModelProto) -> None:
+    """Drop Constant nodes and initialisers no node or graph output reads."""
+    while True:
+        used = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
+        dead = [n for n in proto.graph.node if n.op_type == "Constant" and n.output[0] not in used]
+        for node in dead:
+            proto.graph.node.remove(node)
+        unused = [i for i in proto.graph.initializer if i.name not in used]
+        for init in unused:
+            proto.graph.initializer.remove(init)
+        if not dead and not unused:
+            return

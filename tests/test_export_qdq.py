@@ -1,0 +1,120 @@
+"""Dense ONNX Q/DQ export: graph form TensorRT needs, ONNX Runtime agreement, refusals, TensorRT ranges."""
+import numpy as np
+import pytest
+import torch
+from conftest import import_or_skip
+from helpers import image_batches, small_cnn
+
+import lidar_ptq
+from lidar_ptq.quant.rounding import attach_rounding
+
+onnx = import_or_skip("onnx")
+ort = import_or_skip("onnxruntime")
+from lidar_ptq.export import ExportError  # noqa: E402
+from lidar_ptq.export.onnx_qdq import constant_values, export_onnx  # noqa: E402
+from lidar_ptq.export.tensorrt import (activation_ranges, read_calibration_cache, strip_qdq,  # noqa: E402
+                                       write_dynamic_ranges)
+
+
+def calibrated_cnn(config="w8a8"):
+    model = small_cnn()
+    lidar_ptq.fold_batchnorms(model)
+    lidar_ptq.quantize(model, config)
+    lidar_ptq.calibrate(model, image_batches(), progress=False)
+    return model
+
+
+def run_ort(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+
+
+def test_tensorrt_qdq_graph_and_onnxruntime_agreement(tmp_path):
+    model = calibrated_cnn()
+    x = image_batches(1, seed=5)[0][:2]
+    proto = export_onnx(model, (x,), tmp_path / "m.onnx", ["x"], ["y"], dynamic_axes={"x": {0: "n"}})
+    ops = [n.op_type for n in proto.graph.node]
+    values = constant_values(proto)
+    # every conv/linear reads a DequantizeLinear'd weight made of int8 codes with per-output-channel scales
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    layers = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    assert len(layers) == 5
+    for layer in layers:
+        dq = producer[layer.input[1]]
+        assert dq.op_type == "DequantizeLinear"
+        codes, scale, zero = (values[name] for name in dq.input)
+        assert codes.dtype == np.int8 and np.all(zero == 0) and scale.size == codes.shape[dict(
+            (a.name, a.i) for a in dq.attribute).get("axis", 1)]
+        act = producer[layer.input[0]]
+        assert act.op_type == "DequantizeLinear" and producer[act.input[0]].op_type == "QuantizeLinear"
+        assert values[act.input[2]].dtype == np.int8 and values[act.input[1]].size == 1
+    assert ops.count("QuantizeLinear") == 5 and "BatchNormalization" not in ops
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = run_ort(tmp_path / "m.onnx", x)
+    step = np.abs(ref).max() / 127
+    assert np.abs(got - ref).max() < step  # within one int8 step of the output range
+
+
+def test_onnxruntime_target_makes_post_relu_activations_unsigned(tmp_path):
+    model = calibrated_cnn()
+    x = image_batches(1)[0][:2]  # calibration data: no value beyond the calibrated ranges
+    proto = export_onnx(model, (x,), tmp_path / "m.onnx", ["x"], ["y"], target="onnxruntime")
+    values = constant_values(proto)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    quants = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    after_relu = [q for q in quants if producer.get(q.input[0]) is not None and producer[q.input[0]].op_type == "Relu"]
+    assert len(after_relu) == 3
+    assert all(values[q.input[2]].dtype == np.uint8 for q in after_relu)
+    assert values[quants[0].input[2]].dtype == np.int8  # the network input can be negative: stays int8
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(run_ort(tmp_path / "m.onnx", x) - ref).max() < np.abs(ref).max() / 127
+
+
+def test_export_refuses_uncalibrated_quantizers_and_writes_nothing(tmp_path):
+    model = calibrated_cnn()
+    model[3].input_quantizer.scale = torch.empty(0)  # as if no calibration frame reached this layer
+    with pytest.raises(lidar_ptq.UncalibratedError, match=r"1 quantizer\(s\) were never calibrated: "
+                                                          r"3.input_quantizer.*calibrat"):
+        export_onnx(model, (torch.randn(1, 3, 16, 16),), tmp_path / "m.onnx", ["x"], ["y"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_refuses_what_tensorrt_cannot_run(tmp_path):
+    asym = calibrated_cnn({"input": {"symmetric": False, "signed": False}})
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ExportError, match="zero point"):
+        export_onnx(asym, (x,), tmp_path / "a.onnx", ["x"], ["y"])
+    export_onnx(asym, (x,), tmp_path / "a.onnx", ["x"], ["y"], target="onnxruntime")  # ORT takes zero points
+    model = calibrated_cnn()
+    attach_rounding(model[0].weight_quantizer, model[0].weight, "adaround")
+    with pytest.raises(ExportError, match="freeze"):
+        export_onnx(model, (x,), tmp_path / "b.onnx", ["x"], ["y"])
+    lidar_ptq.freeze(model)
+    export_onnx(model, (x,), tmp_path / "b.onnx", ["x"], ["y"])
+
+
+def test_tensorrt_dynamic_ranges_and_float_graph(tmp_path):
+    model = calibrated_cnn()
+    x = image_batches(1, seed=3)[0][:1]
+    proto = export_onnx(model, (x,), tmp_path / "m.onnx", ["x"], ["y"])
+    ranges = activation_ranges(proto)
+    # TensorRT's dynamic range is scale * 127 (symmetric int8)
+    amaxes = sorted(float(m.input_quantizer.scale) * 127 for m in model.modules() if hasattr(m, "input_quantizer"))
+    assert sorted(ranges.values()) == pytest.approx(amaxes, rel=1e-6)
+    assert "x" in ranges  # the network input keeps its name
+    float_graph = strip_qdq(proto)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in float_graph.graph.node}
+    graph_tensors = {o for n in float_graph.graph.node for o in n.output} | {"x"}
+    assert set(ranges) <= graph_tensors  # every range names a tensor of the float graph
+    onnx.save(float_graph, str(tmp_path / "f.onnx"))
+    for name, q in lidar_ptq.iter_quantizers(model):  # float activations, weights still on their int8 grid
+        if name.endswith("input_quantizer"):
+            q.mode = lidar_ptq.QuantMode.FLOAT
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(run_ort(tmp_path / "f.onnx", x) - ref).max() < 1e-4
+    paths = write_dynamic_ranges(ranges, tmp_path, "m")
+    assert paths["calibration_cache"].read_text().startswith("TRT-")
+    scales = read_calibration_cache(paths["calibration_cache"])
+    assert scales == pytest.approx({k: v / 127 for k, v in ranges.items()}, rel=1e-6)
