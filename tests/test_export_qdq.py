@@ -12,8 +12,7 @@ onnx = import_or_skip("onnx")
 ort = import_or_skip("onnxruntime")
 from lidar_ptq.export import ExportError  # noqa: E402
 from lidar_ptq.export.onnx_qdq import constant_values, export_onnx  # noqa: E402
-from lidar_ptq.export.tensorrt import (activation_ranges, read_calibration_cache, strip_qdq,  # noqa: E402
-                                       write_dynamic_ranges)
+from lidar_ptq.export.tensorrt import activation_ranges, read_calibration_cache, strip_qdq, write_dynamic_ranges  # noqa: E402
 
 
 def calibrated_cnn(config="w8a8"):

@@ -70,12 +70,13 @@ def test_sparse_onnx_attributes_follow_libspconv(tmp_path):
                 "rulebook", "activation", "input_dynamic_range", "weight_dynamic_ranges", "precision",
                 "output_precision"}
     assert all(required <= set(a) for a in attrs)
-    assert [a["subm"] for a in attrs] == [1, 0, 1] and [a["rulebook"] for a in attrs] == [b"subm1", b"spconv2", b"subm2"]
+    assert [a["subm"] for a in attrs] == [1, 0, 1]
+    assert [a["rulebook"] for a in attrs] == [b"subm1", b"spconv2", b"subm2"]
     assert attrs[1]["input_spatial_shape"] == SHAPE and attrs[1]["output_spatial_shape"] == [5, 8, 8]
     assert all(a["activation"] == b"ReLU" and a["precision"] == b"int8" for a in attrs)
     # a conv writes int8 when its only reader is an int8 conv; the last one feeds the FP16 scatter
     assert [a["output_precision"] for a in attrs] == [b"int8", b"int8", b"fp16"]
-    for a, (name, m) in zip(attrs, [(n, m) for n, m in model.named_modules() if hasattr(m, "indice_key")]):
+    for a, m in zip(attrs, [m for m in model.modules() if hasattr(m, "indice_key")]):
         assert a["input_dynamic_range"] == pytest.approx(float(m.input_quantizer.scale) * 127, rel=1e-6)
         assert len(a["weight_dynamic_ranges"]) == m.out_channels
     inits = {i.name: i for i in proto.graph.initializer}

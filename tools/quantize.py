@@ -3,6 +3,7 @@
     python tools/quantize.py CONFIG CHECKPOINT [--quant-config Q] [--work-dir W] [--calib-frames N]
                              [--quant-options k=v ...] [--cfg-options k=v ...]
                              [--launcher none|pytorch|slurm] [--skip-float-eval] [--seed S]
+                             [--export [DIR]] [--sparse-fp16 PATTERN ...]
 
 CONFIG: a project config (configs/...), a stock mmdet3d config path, or
 ``mmdet3d::centerpoint/<name>.py``. Q: a recipe JSON (configs/quant/ptq/*.json)
@@ -10,6 +11,7 @@ or a method name (lidar_ptq, maxmin, entropy, percentile, brecq, qdrop); default
 LiDAR-PTQ W8A8. Writes W/metrics.json (fp32 and int8 side by side),
 W/quantized.pth (reloads without calibration: LidarPTQHook(quantized_checkpoint=...)),
 W/quant_params.json (every quantizer's bits, scale/amax, granularity).
+--export also writes the deployment files (tools/export.py; default DIR: W/export).
 Multi-GPU: ``torchrun --nproc_per_node=8 tools/quantize.py CONFIG CKPT --launcher pytorch``.
 """
 from __future__ import annotations
@@ -60,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override settings of CONFIG, as in mmdet3d's tools")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     parser.add_argument("--skip-float-eval", action="store_true", help="evaluate only the quantized model")
+    parser.add_argument("--export", nargs="?", const="", default=None, metavar="DIR",
+                        help="also export for deployment (ONNX Q/DQ, libspconv, TensorRT caches); default W/export")
+    parser.add_argument("--sparse-fp16", nargs="*", default=[], metavar="PATTERN",
+                        help="with --export: sparse layers kept in FP16 on libspconv, e.g. '*conv_input*'")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -95,7 +101,9 @@ def build_cfg(args: argparse.Namespace) -> Config:
     cfg.load_from = None  # the PTQ loop loads the checkpoint strictly itself
     cfg.test_cfg = dict(type="PTQLoop", recipe=recipe.source, checkpoint=args.checkpoint,
                         calib_frames=args.calib_frames, seed=args.seed,
-                        recipe_options=options, evaluate_float=not args.skip_float_eval)
+                        recipe_options=options, evaluate_float=not args.skip_float_eval,
+                        export_dir=None if args.export is None else (args.export or str(Path(cfg.work_dir) / "export")),
+                        export_sparse_fp16=args.sparse_fp16)
     cfg.setdefault("custom_imports", dict(imports=[], allow_failed_imports=False))
     imports = list(cfg.custom_imports.get("imports", []))
     if "lidar_ptq.mmdet3d" not in imports:
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     runner.test()
     metrics = runner.test_loop.metrics
     print(metrics_table(metrics))
-    print(f"results in {cfg.work_dir}: metrics.json, quantized.pth, quant_params.json")
+    print(f"results in {cfg.work_dir}: metrics.json, quantized.pth, quant_params.json"
+          + (f"; deployment files in {cfg.test_cfg.export_dir}" if cfg.test_cfg.get("export_dir") else ""))
     json.dumps(metrics, default=float)  # fail here, not in a consumer, if something is not serialisable
     return 0
 

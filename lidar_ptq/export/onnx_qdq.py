@@ -37,6 +37,7 @@ from .checks import require_exportable
 log = logging.getLogger(__name__)
 TARGETS = ("tensorrt", "onnxruntime")
 DEFAULT_OPSET = 17
+NAME_ATTR = "lidar_ptq_quantizer"
 
 
 @dataclass
@@ -49,6 +50,7 @@ class _QDQConstants:
     axis: int | None
     qmin: int
     qmax: int
+    name: str = ""
     codes: torch.Tensor | None = None
     dequantized: torch.Tensor | None = None
 
@@ -60,7 +62,7 @@ class _QDQConstants:
         axis = quantizer.channel_axis
         scale, zero_point = (scale.reshape(-1), zero_point.reshape(-1)) if axis is not None else \
             (scale.reshape(()), zero_point.reshape(()))
-        out = cls(scale, zero_point, axis, quantizer.spec.qmin, quantizer.spec.qmax)
+        out = cls(scale, zero_point, axis, quantizer.spec.qmin, quantizer.spec.qmax, quantizer.name)
         if weight is not None:
             out.codes = quantizer.to_int(weight.detach()).to(dtype).cpu()
             out.dequantized = quantizer(weight.detach()).detach().clone()
@@ -76,9 +78,10 @@ class _QDQConstants:
         attrs = {} if self.axis is None else {"axis_i": self.axis}
         s = g.op("Constant", value_t=self.scale)
         z = g.op("Constant", value_t=self.zero_point)
+        tag = {NAME_ATTR + "_s": self.name}  # becomes the node name after export (then removed)
         if self.codes is not None:
-            return g.op("DequantizeLinear", g.op("Constant", value_t=self.codes), s, z, **attrs)
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", value, s, z, **attrs), s, z, **attrs)
+            return g.op("DequantizeLinear", g.op("Constant", value_t=self.codes), s, z, **attrs, **tag)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", value, s, z, **attrs, **tag), s, z, **attrs)
 
 
 # Functions get an int key into this table (modules and dataclasses cannot travel through the tracer).
@@ -105,8 +108,9 @@ def qdq_export_mode(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for module in model.modules():
             if isinstance(module, FakeQuantizer) and module.enabled:
-                _EXPORTING[id(module)] = _QDQConstants.of(module)
-                module.forward = lambda x, mask=None, _k=id(module): _QuantDequant.apply(x, _k)
+                key = id(module)
+                _EXPORTING[key] = _QDQConstants.of(module)
+                module.forward = lambda x, mask=None, _k=key: _QuantDequant.apply(x, _k)
                 patched.append(module)
             if isinstance(module, QuantModuleMixin) and module.weight_quantizer.enabled:
                 _EXPORTING[id(module)] = _QDQConstants.of(module.weight_quantizer, module.float_weight)
@@ -154,11 +158,27 @@ def export_onnx(model: nn.Module, args: tuple[Any, ...], path: str | os.PathLike
                 q.mode = modes[name]
         model.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
+    adopt_quantizer_names(proto)
     if quantized and target == "onnxruntime":
         unsigned_after_relu(proto)
     onnx.checker.check_model(proto)
     save_onnx(proto, path)
     return proto
+
+
+def adopt_quantizer_names(proto: onnx.ModelProto) -> None:
+    """Name each Q (activation) / weight DQ node after its quantizer, e.g.
+    ``backbone.blocks.0.3.input_quantizer/QuantizeLinear``: readable in TensorRT's layer report, and
+    how ``verify.layerwise_agreement`` pairs ONNX nodes with PyTorch quantizers."""
+    seen: dict[str, int] = {}
+    for node in proto.graph.node:
+        tags = [a for a in node.attribute if a.name == NAME_ATTR]
+        if not tags:
+            continue
+        base = f"{tags[0].s.decode()}/{node.op_type}"
+        seen[base] = seen.get(base, 0) + 1
+        node.name = base if seen[base] == 1 else f"{base}#{seen[base]}"
+        node.attribute.remove(tags[0])
 
 
 def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -119,7 +119,8 @@ def _emit_sequential(graph: SparseGraph, name: str, module: nn.Module, x: str) -
         if isinstance(child, nn.Identity):  # a folded BatchNorm
             continue
         x = emit_module(graph, _join(name, child_name), child, x)
-        skip_relu = isinstance(child, spconv.conv.SparseConvolution) and getattr(child, "fused_activation", "") == "relu"
+        fused = getattr(child, "fused_activation", "") == "relu"
+        skip_relu = isinstance(child, spconv.conv.SparseConvolution) and fused
     return x
 
 

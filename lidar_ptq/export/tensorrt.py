@@ -23,10 +23,10 @@ from .onnx_qdq import constant_values, consumers, prune_unused
 DEFAULT_CACHE_HEADER = "TRT-8601-EntropyCalibration2"
 
 
-def activation_ranges(proto: onnx.ModelProto) -> dict[str, float]:
-    """``{tensor name: amax}`` of every quantized activation (QuantizeLinear on a non-constant input)."""
+def activation_quantizers(proto: onnx.ModelProto) -> dict[str, list[float]]:
+    """``{tensor name: [amax of each QuantizeLinear reading it]}`` for every quantized activation."""
     values = constant_values(proto)
-    ranges: dict[str, float] = {}
+    found: dict[str, list[float]] = {}
     for node in proto.graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in values:
             continue
@@ -35,8 +35,21 @@ def activation_ranges(proto: onnx.ModelProto) -> dict[str, float]:
         if scale.size != 1:
             raise ValueError(f"activation {node.input[0]} has a per-channel scale; TensorRT ranges are per tensor")
         qmax = 127 if zero_point.dtype == np.int8 else 255
-        ranges[node.input[0]] = float(scale.reshape(()) * (qmax - int(zero_point.reshape(()))))
-    return ranges
+        found.setdefault(node.input[0], []).append(float(scale.reshape(()) * (qmax - int(zero_point.reshape(())))))
+    return found
+
+
+def activation_ranges(proto: onnx.ModelProto) -> dict[str, float]:
+    """``{tensor name: amax}``. A range is per tensor in TensorRT's implicit mode, so a tensor read by
+    several quantizers (a shared feature map feeding several head branches) gets the largest of their
+    ranges; ``shared_range_tensors`` lists those (the Q/DQ file keeps every consumer's own scale)."""
+    return {name: max(amaxes) for name, amaxes in activation_quantizers(proto).items()}
+
+
+def shared_range_tensors(proto: onnx.ModelProto) -> dict[str, list[float]]:
+    """Tensors whose quantizers disagree on the range (only the largest survives in the cache)."""
+    return {name: amaxes for name, amaxes in activation_quantizers(proto).items()
+            if len(amaxes) > 1 and not np.allclose(amaxes, amaxes[0], rtol=1e-6)}
 
 
 def strip_qdq(proto: onnx.ModelProto) -> onnx.ModelProto:

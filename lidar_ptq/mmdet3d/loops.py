@@ -28,11 +28,13 @@ class PTQLoop(TestLoop):
     def __init__(self, runner: Any, dataloader: Any, evaluator: Any, fp16: bool = False, recipe: Any = "lidar_ptq",
                  checkpoint: str | None = None, calib_frames: int | None = None, seed: int = 0,
                  batch_size: int = 1, recipe_options: dict[str, Any] | None = None,
-                 evaluate_float: bool = True) -> None:
+                 evaluate_float: bool = True, export_dir: str | None = None,
+                 export_sparse_fp16: list[str] | None = None) -> None:
         super().__init__(runner, dataloader, evaluator, fp16)
         self.recipe, self.checkpoint, self.calib_frames = recipe, checkpoint, calib_frames
         self.seed, self.batch_size, self.recipe_options = seed, batch_size, recipe_options or {}
         self.evaluate_float = evaluate_float
+        self.export_dir, self.export_sparse_fp16 = export_dir, list(export_sparse_fp16 or [])
         self.metrics: dict[str, Any] = {}
         self.first_frame: dict[str, Any] = {}
         self.last_outputs: Any = None
@@ -75,10 +77,13 @@ class PTQLoop(TestLoop):
         start = time.perf_counter()
         results["int8"] = self._evaluate("int8")
         seconds["eval_int8"] = time.perf_counter() - start
+        export = self._export() if self.export_dir and is_main_process() else None
         self.metrics = {"recipe": result.recipe.name, "recipe_spec": result.recipe.source,
                         "calib_frames": result.report.frames, "tgpl": result.tgpl,
                         "range_search": result.report.selection,
                         "unquantized_layers": result.unquantized, "seconds": seconds, **results}
+        if export is not None:
+            self.metrics["export"] = {"dir": str(self.export_dir), "verification": export["verification"]}
         if is_main_process():
             self._plot()
             path = Path(self.runner.work_dir) / "metrics.json"
@@ -87,6 +92,14 @@ class PTQLoop(TestLoop):
             tmp.replace(path)
         self.runner.call_hook("after_test")
         return results["int8"]
+
+    def _export(self) -> dict[str, Any]:
+        """Deployment files of the quantized model (``tools/quantize.py --export``)."""
+        from .export import export_detector, sample_batch, summarize
+        manifest = export_detector(self.runner.model, sample_batch(self.runner.cfg, self.runner.model, self.seed),
+                                   self.export_dir, sparse_precision={p: "fp16" for p in self.export_sparse_fp16})
+        self.runner.logger.info("export to %s\n%s", self.export_dir, summarize(manifest))
+        return manifest
 
     def _plot(self) -> None:
         """``bev_fp32_vs_int8.png`` in the work dir: the first test frame, both models' detections."""
