@@ -126,11 +126,13 @@ def qdq_export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def export_onnx(model: nn.Module, args: tuple[Any, ...], path: str | os.PathLike, input_names: Sequence[str],
                 output_names: Sequence[str], dynamic_axes: dict[str, dict[int, str]] | None = None,
-                target: str = "tensorrt", opset: int = DEFAULT_OPSET, quantized: bool = True) -> onnx.ModelProto:
+                target: str = "tensorrt", opset: int = DEFAULT_OPSET, quantized: bool = True,
+                simplify: bool = True) -> onnx.ModelProto:
     """Export ``model(*args)`` to ``path``: with explicit Q/DQ when ``quantized``, else the float graph.
 
     The model is checked first (calibrated, symmetric for TensorRT, no learned
-    rounding left), then traced in eval mode; the file is validated with
+    rounding left), then traced in eval mode; ``simplify`` applies the exact
+    fusion-enabling rewrites of ``qdq_rewrite``; the file is validated with
     ``onnx.checker`` and written atomically.
     """
     if target not in TARGETS:
@@ -159,6 +161,9 @@ def export_onnx(model: nn.Module, args: tuple[Any, ...], path: str | os.PathLike
         model.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
     adopt_quantizer_names(proto)
+    if quantized and simplify:
+        from .qdq_rewrite import simplify_qdq
+        simplify_qdq(proto)
     if quantized and target == "onnxruntime":
         unsigned_after_relu(proto)
     onnx.checker.check_model(proto)
@@ -212,25 +217,39 @@ def consumers(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 def unsigned_after_relu(proto: onnx.ModelProto) -> int:
-    """Relu -> Q(int8, zp 0) -> DQ...  becomes  Relu -> Q(uint8, zp 0) -> DQ... (see the module docstring)."""
+    """Q(int8, zp 0) of a non-negative tensor (a Relu output, or a Concat/MaxPool of such) -> Q(uint8, zp 0),
+    with its DequantizeLinear readers (see the module docstring)."""
     values = constant_values(proto)
     users = consumers(proto)
     producer = {out: node for node in proto.graph.node for out in node.output}
+
+    def non_negative(tensor: str) -> bool:
+        node = producer.get(tensor)
+        if node is None:
+            return False
+        if node.op_type == "Relu":
+            return True
+        if node.op_type == "DequantizeLinear" and len(node.input) > 2:
+            return values.get(node.input[2], np.zeros((), np.int8)).dtype == np.uint8
+        if node.op_type in ("Concat", "MaxPool"):
+            return all(non_negative(name) for name in node.input[:1 if node.op_type == "MaxPool" else None])
+        return False
+
     changed = 0
     for node in list(proto.graph.node):
         if node.op_type != "QuantizeLinear" or len(node.input) < 3:
             continue
-        source = producer.get(node.input[0])
         zero_point = values.get(node.input[2])
-        if source is None or source.op_type != "Relu" or zero_point is None:
+        if zero_point is None or zero_point.dtype != np.int8 or np.any(zero_point != 0):
             continue
-        if zero_point.dtype != np.int8 or np.any(zero_point != 0):
+        if not non_negative(node.input[0]):
             continue
         dequants = users.get(node.output[0], [])
         if not dequants or any(d.op_type != "DequantizeLinear" for d in dequants):
             continue
         name = f"{node.output[0]}_zero_point_u8"
-        proto.graph.initializer.append(numpy_helper.from_array(np.zeros(zero_point.shape, np.uint8), name))
+        values[name] = np.zeros(zero_point.shape, np.uint8)
+        proto.graph.initializer.append(numpy_helper.from_array(values[name], name))
         node.input[2] = name
         for d in dequants:
             if len(d.input) > 2:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..quant.quantizer import FakeQuantizer
+from .qdq_rewrite import quantizer_names
 
 
 def quantizer_codes(path: str | os.PathLike, feeds: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
@@ -31,7 +32,7 @@ def quantizer_codes(path: str | os.PathLike, feeds: dict[str, np.ndarray]) -> di
     by quantizer name, in graph order (a quantizer used twice has two entries)."""
     import onnxruntime as ort
     model = onnx.load(str(path))
-    quants = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and "/QuantizeLinear" in n.name]
+    quants = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and quantizer_names(n)]
     existing = {o.name for o in model.graph.output}
     for node in quants:
         if node.output[0] not in existing:
@@ -44,7 +45,8 @@ def quantizer_codes(path: str | os.PathLike, feeds: dict[str, np.ndarray]) -> di
     values = dict(zip(names, session.run(None, feeds)))
     codes: dict[str, list[np.ndarray]] = defaultdict(list)
     for node in quants:
-        codes[node.name.split("/QuantizeLinear")[0]].append(values[node.output[0]])
+        for name in quantizer_names(node):
+            codes[name].append(values[node.output[0]])
     return codes
 
 

@@ -407,7 +407,8 @@ def summarize(manifest: dict[str, Any]) -> str:
         if "layerwise" in result:
             lw = result["layerwise"]
             lines.append(f"{part}: layer by layer (teacher-forced, {lw['quantizers']} quantizers): max code diff "
-                         f"{lw['max_code_diff']:.0f}, {100 * lw['differing_code_share']:.4f}% of codes differ")
+                         f"{lw['max_code_diff']:.0f}, {100 * lw['differing_code_share']:.4f}% of codes differ"
+                         + (f"; NOT IN FILE: {', '.join(lw['missing_in_file'])}" if lw["missing_in_file"] else ""))
         if part == "dense":
             for kind in ("reference_kernels", "optimized_kernels"):
                 r = result[kind]
