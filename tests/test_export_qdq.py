@@ -23,8 +23,11 @@ def calibrated_cnn(config="w8a8"):
     return model
 
 
-def run_ort(path, x):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+def run_ort(path, x, optimized=True):
+    options = ort.SessionOptions()
+    if not optimized:  # reference kernels: the file's arithmetic exactly
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
 
 
 def test_tensorrt_qdq_graph_and_onnxruntime_agreement(tmp_path):
@@ -117,3 +120,65 @@ def test_tensorrt_dynamic_ranges_and_float_graph(tmp_path):
     assert paths["calibration_cache"].read_text().startswith("TRT-")
     scales = read_calibration_cache(paths["calibration_cache"])
     assert scales == pytest.approx({k: v / 127 for k, v in ranges.items()}, rel=1e-6)
+
+
+class FanOutConcat(torch.nn.Module):
+    """One feature map read by two convs (fan-out) whose outputs are concatenated, as in SECONDFPN."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 1)
+        self.head = torch.nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
+
+
+def test_rewrites_let_every_conv_end_in_one_quantizer_and_keep_the_values(tmp_path):
+    model = FanOutConcat().eval()
+    lidar_ptq.quantize(model, "w8a8")
+    data = image_batches(3)
+    lidar_ptq.calibrate(model, data, progress=False)
+    x = data[0][:2]
+    plain = export_onnx(model, (x,), tmp_path / "plain.onnx", ["x"], ["y"], simplify=False)
+    simple = export_onnx(model, (x,), tmp_path / "simple.onnx", ["x"], ["y"])
+    users = {}
+    for node in simple.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    relus = [n for n in simple.graph.node if n.op_type == "Relu"]
+    assert len(relus) == 3
+    # plain: the stem's output feeds two Q nodes, the concat sits between convs and Q; simplified: one Q each
+    assert all([u.op_type for u in users[r.output[0]]] == ["QuantizeLinear"] for r in relus)
+    plain_users = {}
+    for node in plain.graph.node:
+        for name in node.input:
+            plain_users.setdefault(name, []).append(node.op_type)
+    assert sorted(plain_users[[n for n in plain.graph.node if n.op_type == "Relu"][0].output[0]]) == \
+        ["QuantizeLinear", "QuantizeLinear"]
+    outputs = [run_ort(tmp_path / name, x, optimized=False) for name in ("plain.onnx", "simple.onnx")]
+    assert np.array_equal(outputs[0], outputs[1])  # exact: the rewrites do not change any value
+    from lidar_ptq.export.verify import layerwise_agreement
+    report = layerwise_agreement(model, (x,), tmp_path / "simple.onnx", ["x"])
+    assert report["quantizers"] == 4 and not report["missing_in_file"]  # merged quantizers still found
+    assert report["max_code_diff"] <= 1 and report["differing_code_share"] < 1e-3
+
+
+def test_layerwise_verification_catches_a_wrong_scale(tmp_path):
+    model = calibrated_cnn()
+    x = image_batches(1)[0][:2]
+    proto = export_onnx(model, (x,), tmp_path / "m.onnx", ["x"], ["y"])
+    from lidar_ptq.export.verify import layerwise_agreement
+    assert layerwise_agreement(model, (x,), tmp_path / "m.onnx", ["x"])["max_code_diff"] <= 1
+    quant = next(n for n in proto.graph.node if n.name == "3.input_quantizer/QuantizeLinear")
+    values = constant_values(proto)
+    bad = onnx.numpy_helper.from_array((values[quant.input[1]] * 1.5).astype(np.float32), "bad_scale")
+    proto.graph.initializer.append(bad)
+    quant.input[1] = "bad_scale"
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    report = layerwise_agreement(model, (x,), tmp_path / "bad.onnx", ["x"])
+    assert report["worst_quantizer"] == "3.input_quantizer" and report["max_code_diff"] > 10

@@ -24,7 +24,6 @@ from onnx import helper, numpy_helper
 
 from .onnx_qdq import constant_values, consumers, prune_unused
 
-
 ALIASES = "quantizers: "
 
 

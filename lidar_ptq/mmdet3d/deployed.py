@@ -56,7 +56,7 @@ class _PassThrough(nn.Module):
     """Backbone/neck stand-in: the BEV map goes straight to the (ONNX) head."""
 
     def forward(self, x: Any) -> Any:
-        return x
+        return [x] if isinstance(x, torch.Tensor) else x  # mmdet3d passes feature lists between parts
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from mmdet3d.models.middle_encoders import SparseEncoder
 from torch import nn
 
 from .. import __version__
+from ..export.checks import require_exportable
 from ..export.onnx_qdq import export_onnx
 from ..export.sparse_onnx import (
     SparseGraph,
@@ -258,12 +259,17 @@ def export_detector(model: nn.Module, batch: DetectorBatch, out_dir: str | os.Pa
         raise ValueError("the model is not quantized: run tools/quantize.py first (or load its quantized.pth)")
     if batch.num_frames != 1:
         raise ValueError("export traces batch size 1: pass a single-frame batch")
+    require_exportable(adapter, symmetric=True)  # before anything runs or is written: names every problem
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     start = time.perf_counter()
-    inputs, head_output = capture_part_inputs(adapter, batch)
+    try:
+        inputs, head_output = capture_part_inputs(adapter, batch)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     dense = DenseNetwork(adapter).eval()
     bev = inputs[adapter.part_names[2]][0]
     named = flatten_outputs(head_output)
