@@ -1,5 +1,5 @@
 # Two commands for a fresh CPU-only Linux machine (both create .venv if missing):
-#   make demo   set up, then quantize the trained synthetic CenterPoint-Pillar (LiDAR-PTQ W8A8, CPU budget)
+#   make demo   set up, then quantize the trained synthetic CenterPoint-Pillar (LiDAR-PTQ W8A8, CPU budget) and export it
 #   make test   set up, then run the test suite (fast tests; `make test-all` adds slow ones)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,7 @@ setup:
 demo: setup
 	$(PY) tools/quantize.py configs/synthetic/centerpoint_pillar_synthetic.py \
 		benchmarks/models/centerpoint_pillar_synthetic.pth \
-		--quant-config configs/quant/ptq/lidar_ptq_w8a8_cpu.json --work-dir work_dirs/demo
+		--quant-config configs/quant/ptq/lidar_ptq_w8a8_cpu.json --work-dir work_dirs/demo --export
 
 test: setup
 	LIDAR_PTQ_REQUIRE_STACK=1 $(PY) -m pytest -m "not slow"
