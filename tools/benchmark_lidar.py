@@ -1,7 +1,8 @@
 """LiDAR benchmark: FP32 vs PTQ methods on the synthetic CenterPoint-Pillar/Voxel (nuScenes-style mAP).
 
-Rows (W8A8): maxmin, entropy, percentile, brecq, qdrop, lidar_ptq and the LiDAR-PTQ ablation
-(ablation:maxmin = sparse max-min ranges, +grid = Lp grid search of the clipping range,
+Rows (W8A8): maxmin, entropy, percentile, percentile+equalize, brecq, qdrop, lidar_ptq and the LiDAR-PTQ
+ablation (ablation:maxmin = sparse max-min ranges, +equalize = input-channel equalization of the pillar
+encoder (not in the paper), +grid = task-guided search of the clipping range,
 +tgpl = TGPL-driven activation steps, +rounding = adaptive rounding, i.e. full LiDAR-PTQ);
 W4A8: maxmin, qdrop, lidar_ptq. Every method sees the same calibration frames and the same
 reconstruction budget. Rows are appended to benchmarks/lidar.json as they finish (a killed run
@@ -35,11 +36,14 @@ from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"pillar": ROOT / "configs/synthetic/centerpoint_pillar_synthetic.py",
            "voxel": ROOT / "configs/synthetic/centerpoint_voxel_synthetic.py"}
-ABLATION = {"ablation:maxmin": dict(grid_search=False, tgpl=False, adaptive_rounding=False),
+ABLATION = {"ablation:maxmin": dict(equalize_inputs=False, grid_search=False, tgpl=False, adaptive_rounding=False),
+            "ablation:+equalize": dict(grid_search=False, tgpl=False, adaptive_rounding=False),
             "ablation:+grid": dict(tgpl=False, adaptive_rounding=False),
             "ablation:+tgpl": dict(adaptive_rounding=False),
             "ablation:+rounding": dict()}
-ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "brecq", "qdrop", "lidar_ptq", *ABLATION)] + \
+EQUALIZE = ["*voxel_encoder*"]  # "<method>+equalize": a baseline with LiDAR-PTQ's input equalization
+ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize", "brecq", "qdrop",
+                            "lidar_ptq", *ABLATION)] + \
        [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq")]
 
 
@@ -49,9 +53,12 @@ def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace) -> dict[s
         spec = {"method": "lidar_ptq", "w_bits": w, "a_bits": a, **ABLATION.get(method, {})}
         recon["output_loss_every"] = args.output_loss_every
     else:
-        spec = {"method": method, "w_bits": w, "a_bits": a}
-        if method == "percentile":
+        base = method.split("+")[0]
+        spec = {"method": base, "w_bits": w, "a_bits": a}
+        if base == "percentile":
             spec["observer_kwargs"] = {"percentile": 99.99}
+        if method.endswith("+equalize"):
+            spec["equalize"] = EQUALIZE
     if method in ("brecq", "qdrop") or spec["method"] == "lidar_ptq":
         spec["recon"] = recon
     spec["calib_frames"] = args.calib_frames

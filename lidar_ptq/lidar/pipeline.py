@@ -28,6 +28,7 @@ from torch import nn
 
 from ..api import calibrate, quantize
 from ..batches import call_model
+from ..quant.equalize import equalize_inputs
 from ..recon.cache import is_sparse_tensor
 from ..recon.engine import ReconConfig, ReconReport, freeze, reconstruct
 from .occupancy import OccupancyMask
@@ -49,6 +50,10 @@ class PTQRecipe:
     # the one whose output has the lowest ``select_loss`` against the float output wins.
     quant_candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
     select_loss: Any = None  # fn(quant_output, float_output, batch) -> scalar, e.g. TGPL
+    # Input-channel equalization (lidar_ptq.quant.equalize) of the layers matching these patterns,
+    # before calibration; alpha is SmoothQuant's migration strength.
+    equalize: tuple[str, ...] = ()
+    equalize_alpha: float = 0.75
 
 
 @dataclass
@@ -56,6 +61,12 @@ class LidarPTQConfig:
     w_bits: int = 8
     a_bits: int = 8
     sparse_calibration: bool = True
+    # Not in the paper: SmoothQuant-style equalization of the pillar encoder's input channels, whose
+    # coordinates (+-38 m) and sub-pillar offsets (+-0.16 m) share one per-tensor scale otherwise
+    # (+3.8 mAP for max-min W8A8 on the synthetic pillar model). No-op for voxel models.
+    equalize_inputs: bool = True
+    equalize_patterns: tuple[str, ...] = ("*voxel_encoder*",)
+    equalize_alpha: float = 0.75
     grid_search: bool = True
     tgpl: bool = True
     adaptive_rounding: bool = True
@@ -110,7 +121,9 @@ class LidarPTQConfig:
         return PTQRecipe(name or f"lidar_ptq_w{self.w_bits}a{self.a_bits}", self.quant_config(),
                          self.recon_config(), self.sparse_calibration, self.calib_frames,
                          quant_candidates=candidates,
-                         select_loss=TaskGuidedPositiveLoss(self.tgpl_config) if candidates else None)
+                         select_loss=TaskGuidedPositiveLoss(self.tgpl_config) if candidates else None,
+                         equalize=tuple(self.equalize_patterns) if self.equalize_inputs else (),
+                         equalize_alpha=self.equalize_alpha)
 
 
 @dataclass
@@ -162,6 +175,8 @@ def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe,
     if recipe.quant_candidates and recipe.select_loss is not None:
         quant, selection = select_quant_config(model, data, recipe, occupancy_source)
     quantize(model, quant)
+    if recipe.equalize:
+        equalize_inputs(model, recipe.equalize, data, recipe.equalize_alpha)
     missing = _calibrate(model, data, recipe, occupancy_source)
     report = reconstruct(model, data, recipe.recon) if recipe.recon is not None else None
     if freeze_weights and report is not None:
@@ -186,6 +201,8 @@ def select_quant_config(model: nn.Module, data: list[Any], recipe: PTQRecipe, oc
     for name, candidate in recipe.quant_candidates.items():
         trial = copy.deepcopy(model)
         quantize(trial, candidate)
+        if recipe.equalize:
+            equalize_inputs(trial, recipe.equalize, data, recipe.equalize_alpha)
         _calibrate(trial, data, recipe, occupancy_source, progress=False)
         losses = [float(recipe.select_loss(call_model(trial, b), f, b)) for b, f in zip(data, float_outputs)]
         scores[name] = sum(losses) / len(losses)

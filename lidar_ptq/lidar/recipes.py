@@ -7,6 +7,7 @@ Recipes load from JSON files (configs/quant/ptq/*.json) or dicts:
 
     {"method": "lidar_ptq", "w_bits": 8, "a_bits": 8, "recon": {"iterations": 2000}}
     {"method": "qdrop", "w_bits": 4, "a_bits": 8, "recon": {"iterations": 2000}}
+    {"method": "percentile", "equalize": ["*voxel_encoder*"]}   (any method: input-channel equalization)
 
 Baselines follow common deployment practice: symmetric INT8 with per-channel
 weight max and per-tensor activations calibrated by max-min, TensorRT's entropy,
@@ -44,7 +45,8 @@ def _baseline(method: str, spec: Mapping[str, Any]) -> PTQRecipe:
     elif spec.get("recon"):
         raise ValueError(f"method {method!r} does not reconstruct; drop 'recon' or use brecq/qdrop/lidar_ptq")
     return PTQRecipe(f"{method}_w{w_bits}a{a_bits}", quant, recon, False, int(spec.get("calib_frames", 256)),
-                     dict(spec))
+                     dict(spec), equalize=tuple(spec.get("equalize", ())),
+                     equalize_alpha=float(spec.get("equalize_alpha", 0.75)))
 
 
 def recipe_from_dict(spec: Mapping[str, Any]) -> PTQRecipe:
@@ -53,7 +55,8 @@ def recipe_from_dict(spec: Mapping[str, Any]) -> PTQRecipe:
     if method not in METHODS:
         raise ValueError(f"unknown PTQ method {method!r}; choose from {list(METHODS)}")
     if method != "lidar_ptq":
-        allowed = {"method", "name", "w_bits", "a_bits", "observer_kwargs", "overrides", "recon", "calib_frames"}
+        allowed = {"method", "name", "w_bits", "a_bits", "observer_kwargs", "overrides", "recon", "calib_frames",
+                   "equalize", "equalize_alpha"}
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in a {method!r} recipe; valid: {sorted(allowed)}")

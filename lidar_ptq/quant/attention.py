@@ -21,6 +21,7 @@ from .spec import QuantSpec
 class QuantMultiheadAttention(QuantModuleMixin, nn.MultiheadAttention):
     weight_name = "in_proj_weight"
     feature_axis = -1
+    weight_in_axis = None  # its forward does not apply prescale_input: not equalizable
 
     def _init_extra_quantizers(self, roles: dict[str, QuantSpec], input_spec: QuantSpec) -> None:
         if not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn:

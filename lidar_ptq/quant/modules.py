@@ -47,6 +47,7 @@ class QuantModuleMixin:
 
     weight_axis: int = 0
     feature_axis: int = 1
+    weight_in_axis: int | None = 1  # input-channel axis of the weight (None: no input equalization)
     weight_name: str = "weight"
     weight_quantizer: FakeQuantizer
     input_quantizer: FakeQuantizer
@@ -78,6 +79,23 @@ class QuantModuleMixin:
             return self.float_weight
         return self.weight_quantizer(self.float_weight)
 
+    def prescale_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / input_channel_scale`` per input channel when the layer was equalized (see
+        ``lidar_ptq.quant.equalize``; the weight holds the inverse factors), else ``x``."""
+        scale = self._buffers.get("input_channel_scale")
+        if scale is None:
+            return x
+        shape = [1] * x.dim()
+        shape[self.feature_axis] = -1
+        return x / scale.reshape(shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # an equalized layer's checkpoint carries input_channel_scale; a fresh twin has none yet
+        key = prefix + "input_channel_scale"
+        if key in state_dict and "input_channel_scale" not in self._buffers:
+            self.register_buffer("input_channel_scale", torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def calibrate_weight(self) -> None:
         """Weights are static: observe them once, independent of the data."""
         if self.weight_quantizer.enabled:
@@ -86,7 +104,7 @@ class QuantModuleMixin:
 
 class _QuantConvForward(QuantModuleMixin):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(input), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.input_quantizer(self.prescale_input(input)), self.quantized_weight(), self.bias)
 
 
 @register_quant_module(nn.Conv1d)
@@ -109,11 +127,12 @@ class QuantConvTranspose2d(QuantModuleMixin, nn.ConvTranspose2d):
     """Transposed conv: weight is [in, out/groups, kH, kW], so output channels are axis 1."""
 
     weight_axis = 1
+    weight_in_axis = 0
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                               2, self.dilation)
-        return F.conv_transpose2d(self.input_quantizer(input), self.quantized_weight(), self.bias, self.stride,
+        return F.conv_transpose2d(self.input_quantizer(self.prescale_input(input)), self.quantized_weight(), self.bias, self.stride,
                                   self.padding, output_padding, self.groups, self.dilation)
 
 
@@ -122,4 +141,4 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
     feature_axis = -1
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(input), self.quantized_weight(), self.bias)
+        return F.linear(self.input_quantizer(self.prescale_input(input)), self.quantized_weight(), self.bias)

@@ -26,6 +26,7 @@ if spconv.conv.SparseConvolution not in FOLDABLE:
 class _QuantSparseConvForward(QuantModuleMixin):
     weight_axis = 0
     feature_axis = -1
+    weight_in_axis = None  # libspconv has no per-channel input scaling: no equalization of sparse layers
 
     def forward(self, input: spconv.SparseConvTensor, add_input: spconv.SparseConvTensor | None = None):
         quantized = input.replace_feature(self.input_quantizer(input.features))
