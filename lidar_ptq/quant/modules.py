@@ -104,7 +104,8 @@ class QuantModuleMixin:
 
 class _QuantConvForward(QuantModuleMixin):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(self.prescale_input(input)), self.quantized_weight(), self.bias)
+        x = self.input_quantizer(self.prescale_input(input))
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
 
 
 @register_quant_module(nn.Conv1d)
