@@ -133,8 +133,9 @@ class QuantConvTranspose2d(QuantModuleMixin, nn.ConvTranspose2d):
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                               2, self.dilation)
-        return F.conv_transpose2d(self.input_quantizer(self.prescale_input(input)), self.quantized_weight(), self.bias, self.stride,
-                                  self.padding, output_padding, self.groups, self.dilation)
+        x = self.input_quantizer(self.prescale_input(input))
+        return F.conv_transpose2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, output_padding,
+                                  self.groups, self.dilation)
 
 
 @register_quant_module(nn.Linear)
