@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -244,6 +245,113 @@ def _match_detections(head: nn.Module, reference: Any, candidate: Any, metas: li
             "max_score_diff_matched": score_diff}
 
 
+@dataclass
+class _Part:
+    """What exporting one part adds to the manifest."""
+    files: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    pipeline: list[str] = field(default_factory=list)
+
+
+def _export_sparse_backbone(adapter: DetectorAdapter, inputs: dict[str, tuple], folder: Path, dense: nn.Module,
+                            precision: dict[str, str] | None, output_bound: int, verify: bool) -> _Part:
+    voxel_encoder, middle = (getattr(adapter, n) for n in adapter.part_names[:2])
+    if any(p.numel() for p in voxel_encoder.parameters()):
+        raise ValueError(f"{type(voxel_encoder).__name__} has weights; the voxel export supports "
+                         "parameter-free voxel encoders (HardSimpleVFE: mean of the points)")
+    name = adapter.part_names[1]
+    feats, coors, batch_size = inputs[name][:3]
+    batch_size = int(batch_size)
+    proto = export_sparse_onnx(
+        middle, lambda: middle(feats, coors, batch_size), folder / "sparse_backbone.onnx",
+        in_channels=feats.shape[1], spatial_shape=list(middle.sparse_shape), batch_size=batch_size,
+        emit=lambda g, x: _emit_sparse_encoder(g, name, middle, x, batch_size),
+        precision_overrides=precision, output_bound=output_bound, prefix=name)
+    convs = {n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "precision")).decode()
+             for n in proto.graph.node if n.op_type == "SparseConvolution"}
+    fp16_layers = [n for n, p in convs.items() if p == "fp16"]
+    part = _Part(pipeline=["voxel features = mean of each voxel's points (HardSimpleVFE)",
+                           "sparse_backbone.onnx on libspconv -> BEV map"])
+    part.files["sparse_backbone.onnx"] = {
+        "format": "libspconv ONNX (SparseConvolution/Add/Relu/ScatterDense/Reshape, FP16 initialisers)",
+        "inputs": [{"name": "voxel_features", "shape": ["num_voxels", int(feats.shape[1])], "dtype": "float16"},
+                   {"name": "indices (engine argument)", "shape": ["num_voxels", 4], "dtype": "int32",
+                    "order": "batch, z, y, x"}],
+        "outputs": _io(proto)["outputs"], "sparse_shape": list(middle.sparse_shape),
+        "layers_int8": len(convs) - len(fp16_layers), "layers_fp16": len(fp16_layers), "fp16_layers": fp16_layers}
+    if verify:
+        from ..export.sparse_check import SparseOnnxRunner
+        with torch.no_grad(), _float_layers(middle, fp16_layers, name):
+            ref = middle(feats, coors, batch_size).cpu()  # the model the file means: FP16 layers unquantized
+        diff = (SparseOnnxRunner(folder / "sparse_backbone.onnx")(feats.cpu(), coors.cpu(), batch_size) - ref).abs()
+        step = _first_input_quantizer(dense)
+        part.verification["sparse_backbone"] = {
+            "max_abs_diff": float(diff.max()), "max_abs": float(ref.abs().max()),
+            "diff_in_steps_of_next_quantizer": _steps(float(diff.max()), step),
+            "share_over_1_step": None if step is None else float((diff > step.scale.float().max()).float().mean()),
+            "checker": "lidar_ptq.export.sparse_check (spconv rebuild from the ONNX)"}
+    return part
+
+
+PILLAR_INPUTS = ["voxels", "num_points", "coors"]
+
+
+def _export_pillar_encoder(adapter: DetectorAdapter, inputs: dict[str, tuple], folder: Path, dense: nn.Module,
+                           verify: bool) -> _Part:
+    pillar = PillarEncoder(getattr(adapter, adapter.part_names[0])).eval()
+    args = tuple(inputs[adapter.part_names[0]][:3])
+    dynamic = {n: {0: "num_pillars"} for n in [*PILLAR_INPUTS, "pillar_features"]}
+    part = _Part(files=_export_dense_file(pillar, args, folder, "pillar_encoder", PILLAR_INPUTS, ["pillar_features"],
+                                          dynamic),
+                 pipeline=["pillar_encoder.onnx (TensorRT) -> pillar features",
+                           "scatter pillar features into the BEV canvas (application; see 'scatter')"])
+    if verify:
+        with torch.no_grad():
+            ref = pillar(*args).cpu().numpy()
+        got = _ort_run(folder / "pillar_encoder.onnx", {n: a.cpu().numpy() for n, a in zip(PILLAR_INPUTS, args)})[0]
+        diff = float(np.abs(got - ref).max())
+        part.verification["pillar_encoder"] = {
+            "max_abs_diff": diff, "max_abs": float(np.abs(ref).max()),
+            "diff_in_steps_of_next_quantizer": _steps(diff, _first_input_quantizer(dense)),
+            "layerwise": layerwise_agreement(pillar, args, folder / "pillar_encoder.onnx", PILLAR_INPUTS)}
+    return part
+
+
+def _export_dense(adapter: DetectorAdapter, dense: nn.Module, bev: torch.Tensor, head_output: Any,
+                  batch: DetectorBatch, folder: Path, verify: bool) -> _Part:
+    named = flatten_outputs(head_output)
+    part = _Part(files=_export_dense_file(dense, (bev,), folder, "dense", ["bev"], [n for n, _ in named], None),
+                 pipeline=["dense.onnx (TensorRT) -> head maps",
+                           "decode boxes + NMS (application; CenterHead.predict)"])
+    if verify:
+        metas = [s.metainfo for s in batch.data_samples]
+        feeds = {"bev": bev.cpu().numpy()}
+        result: dict[str, Any] = {
+            kind: _compare_dense(named, _ort_run(folder / "dense.onnx", feeds, optimized), adapter.head,
+                                 head_output, metas)
+            for kind, optimized in (("reference_kernels", False), ("optimized_kernels", True))}
+        result["runtime"] = "onnxruntime CPU"
+        result["layerwise"] = layerwise_agreement(dense, (bev,), folder / "dense.onnx", ["bev"])
+        part.verification["dense"] = result
+    return part
+
+
+@contextlib.contextmanager
+def _assembled_aside(out_dir: Path) -> Iterator[Path]:
+    """Yield a scratch folder that replaces ``out_dir`` only if the block succeeds (nothing half-written)."""
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
 def export_detector(model: nn.Module, batch: DetectorBatch, out_dir: str | os.PathLike,
                     sparse_precision: dict[str, str] | None = None, verify: bool = True,
                     output_bound: int = 200000) -> dict[str, Any]:
@@ -260,109 +368,27 @@ def export_detector(model: nn.Module, batch: DetectorBatch, out_dir: str | os.Pa
     if batch.num_frames != 1:
         raise ValueError("export traces batch size 1: pass a single-frame batch")
     require_exportable(adapter, symmetric=True)  # before anything runs or is written: names every problem
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     start = time.perf_counter()
-    try:
-        inputs, head_output = capture_part_inputs(adapter, batch)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    dense = DenseNetwork(adapter).eval()
-    bev = inputs[adapter.part_names[2]][0]
-    named = flatten_outputs(head_output)
-    output_names = [n for n, _ in named]
-    files: dict[str, Any] = {}
-    verification: dict[str, Any] = {}
     middle = getattr(adapter, adapter.part_names[1])
-    voxel_encoder = getattr(adapter, adapter.part_names[0])
-    pipeline: list[str] = ["voxelize points (application; settings under 'voxelization')"]
-    try:
+    with _assembled_aside(Path(out_dir)) as folder:
+        inputs, head_output = capture_part_inputs(adapter, batch)
+        dense = DenseNetwork(adapter).eval()
         if isinstance(middle, SparseEncoder):
-            if any(p.numel() for p in voxel_encoder.parameters()):
-                raise ValueError(f"{type(voxel_encoder).__name__} has weights; the voxel export supports "
-                                 "parameter-free voxel encoders (HardSimpleVFE: mean of the points)")
-            feats, coors, batch_size = inputs[adapter.part_names[1]][:3]
-            name = adapter.part_names[1]
-            proto = export_sparse_onnx(
-                middle, lambda: middle(feats, coors, batch_size), tmp / "sparse_backbone.onnx",
-                in_channels=feats.shape[1], spatial_shape=list(middle.sparse_shape), batch_size=int(batch_size),
-                emit=lambda g, x: _emit_sparse_encoder(g, name, middle, x, int(batch_size)),
-                precision_overrides=sparse_precision, output_bound=output_bound, prefix=name)
-            precisions = [onnx.helper.get_attribute_value(a).decode() for n in proto.graph.node
-                          if n.op_type == "SparseConvolution" for a in n.attribute if a.name == "precision"]
-            files["sparse_backbone.onnx"] = {
-                "format": "libspconv ONNX (SparseConvolution/Add/Relu/ScatterDense/Reshape, FP16 initialisers)",
-                "inputs": [{"name": "voxel_features", "shape": ["num_voxels", int(feats.shape[1])],
-                            "dtype": "float16"},
-                           {"name": "indices (engine argument)", "shape": ["num_voxels", 4], "dtype": "int32",
-                            "order": "batch, z, y, x"}],
-                "outputs": _io(proto)["outputs"], "sparse_shape": list(middle.sparse_shape),
-                "layers_int8": precisions.count("int8"), "layers_fp16": precisions.count("fp16"),
-                "fp16_layers": [n.name for n in proto.graph.node if n.op_type == "SparseConvolution"
-                                and any(a.name == "precision" and a.s == b"fp16" for a in n.attribute)]}
-            pipeline += ["voxel features = mean of each voxel's points (HardSimpleVFE)",
-                         "sparse_backbone.onnx on libspconv -> BEV map"]
-            if verify:
-                from ..export.sparse_check import SparseOnnxRunner
-                with torch.no_grad(), _float_layers(middle, files["sparse_backbone.onnx"]["fp16_layers"], name):
-                    ref = middle(feats, coors, batch_size)  # the model the file means: FP16 layers unquantized
-                got = SparseOnnxRunner(tmp / "sparse_backbone.onnx")(feats.cpu(), coors.cpu(), int(batch_size))
-                diff = float((got - ref.cpu()).abs().max())
-                step = _first_input_quantizer(dense)
-                share = None if step is None else float(((got - ref.cpu()).abs() > step.scale.float().max()).float()
-                                                        .mean())
-                verification["sparse_backbone"] = {
-                    "max_abs_diff": diff, "max_abs": float(ref.abs().max()),
-                    "diff_in_steps_of_next_quantizer": _steps(diff, step), "share_over_1_step": share,
-                    "checker": "lidar_ptq.export.sparse_check (spconv rebuild from the ONNX)"}
+            first = _export_sparse_backbone(adapter, inputs, folder, dense, sparse_precision, output_bound, verify)
         else:
-            pillar = PillarEncoder(voxel_encoder).eval()
-            args = tuple(inputs[adapter.part_names[0]][:3])
-            files.update(_export_dense_file(pillar, args, tmp, "pillar_encoder", ["voxels", "num_points", "coors"],
-                                            ["pillar_features"], {"voxels": {0: "num_pillars"},
-                                                                  "num_points": {0: "num_pillars"},
-                                                                  "coors": {0: "num_pillars"},
-                                                                  "pillar_features": {0: "num_pillars"}}))
-            pipeline += ["pillar_encoder.onnx (TensorRT) -> pillar features",
-                         "scatter pillar features into the BEV canvas (application; see 'scatter')"]
-            if verify:
-                with torch.no_grad():
-                    ref = pillar(*args)
-                got = _ort_run(tmp / "pillar_encoder.onnx", {n: a.cpu().numpy() for n, a in
-                                                             zip(["voxels", "num_points", "coors"], args)})[0]
-                diff = float(np.abs(got - ref.cpu().numpy()).max())
-                verification["pillar_encoder"] = {
-                    "max_abs_diff": diff, "max_abs": float(ref.abs().max()),
-                    "diff_in_steps_of_next_quantizer": _steps(diff, _first_input_quantizer(dense)),
-                    "layerwise": layerwise_agreement(pillar, args, tmp / "pillar_encoder.onnx",
-                                                     ["voxels", "num_points", "coors"])}
-        files.update(_export_dense_file(dense, (bev,), tmp, "dense", ["bev"], output_names, None))
-        pipeline += ["dense.onnx (TensorRT) -> head maps", "decode boxes + NMS (application; CenterHead.predict)"]
-        if verify:
-            metas = [s.metainfo for s in batch.data_samples]
-            verification["dense"] = {
-                kind: _compare_dense(named, _ort_run(tmp / "dense.onnx", {"bev": bev.cpu().numpy()}, optimized),
-                                     adapter.head, head_output, metas)
-                for kind, optimized in (("reference_kernels", False), ("optimized_kernels", True))}
-            verification["dense"]["runtime"] = "onnxruntime CPU"
-            verification["dense"]["layerwise"] = layerwise_agreement(dense, (bev,), tmp / "dense.onnx", ["bev"])
+            first = _export_pillar_encoder(adapter, inputs, folder, dense, verify)
+        second = _export_dense(adapter, dense, inputs[adapter.part_names[2]][0], head_output, batch, folder, verify)
         manifest = {
             "format_version": MANIFEST_VERSION, "producer": f"lidar_ptq {__version__}",
-            "detector": type(detector).__name__, "files": files, "pipeline": pipeline,
+            "detector": type(detector).__name__, "files": {**first.files, **second.files},
+            "pipeline": ["voxelize points (application; settings under 'voxelization')", *first.pipeline,
+                         *second.pipeline],
             "voxelization": _voxelization(detector), "scatter": _scatter(middle),
-            "head": {"type": type(adapter.head).__name__, "outputs": output_names},
-            "verification": verification, "seconds": round(time.perf_counter() - start, 2)}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=float))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    log.info("exported %s to %s in %.1f s", ", ".join(sorted(files)), out_dir, manifest["seconds"])
+            "head": {"type": type(adapter.head).__name__, "outputs": [n for n, _ in flatten_outputs(head_output)]},
+            "verification": {**first.verification, **second.verification},
+            "seconds": round(time.perf_counter() - start, 2)}
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, default=float))
+    log.info("exported %s to %s in %.1f s", ", ".join(sorted(manifest["files"])), out_dir, manifest["seconds"])
     return manifest
 
 
