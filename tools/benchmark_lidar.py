@@ -72,6 +72,16 @@ def build_model(cfg: Config, checkpoint: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def ordered_rows(result: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    """A model's rows in the table's order (fp32, W8A8 methods, ablation, W4A8), whatever order they ran in."""
+    order = [("fp32", 32, 32), *ROWS]
+
+    def rank(row: dict[str, Any]) -> int:
+        key = (row["method"], row["w_bits"], row["a_bits"])
+        return order.index(key) if key in order else len(order)
+    return sorted((r for r in result["rows"] if r["model"] == model), key=rank)
+
+
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -79,7 +89,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
     lines = ["# LiDAR benchmark (synthetic CenterPoint, nuScenes-style mAP x100)", "",
              f"{result['meta']['note']}", ""]
     for model in sorted({r["model"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["model"] == model]
+        rows = ordered_rows(result, model)
         info = ROOT / "benchmarks" / "models" / f"{model}.json"
         train_s = json.loads(info.read_text()).get("train_wall_s") if info.is_file() else None
         lines += [f"## {model}", ""]
@@ -105,7 +115,7 @@ def plot(result: dict[str, Any], folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     for model in sorted({r["model"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["model"] == model]
+        rows = ordered_rows(result, model)
         fig, ax = plt.subplots(figsize=(10, 4))
         labels = [f"{r['method']}\nW{r['w_bits']}A{r['a_bits']}" for r in rows]
         ax.bar(range(len(rows)), [100 * r["value"] for r in rows], color="tab:blue")
