@@ -73,11 +73,20 @@ def check_run(tmp_path: Path, name: str, extra: list[str]) -> None:
     for ta, tb in zip(a[0], b[0]):
         for key in ta:
             torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=0)
+    if "--export" in extra:  # deployment files of the full-size network on the real sweep, verified
+        manifest = json.loads((work / "export" / "manifest.json").read_text())
+        layerwise = manifest["verification"]["dense"]["layerwise"]
+        assert layerwise["quantizers"] > 80 and not layerwise["missing_in_file"]
+        assert layerwise["max_code_diff"] <= 1 and layerwise["differing_code_share"] < 1e-3
+        first = "sparse_backbone.onnx" if "voxel" in name else "pillar_encoder.onnx"
+        assert first in manifest["files"]
+        if "voxel" in name:
+            assert manifest["verification"]["sparse_backbone"]["share_over_1_step"] < 0.01
 
 
 @pytest.mark.parametrize("name", ["centerpoint_pillar02_nus_lidar_ptq", "centerpoint_voxel01_nus_lidar_ptq"])
 def test_stock_nuscenes_config_calibration_stages(tmp_path, name):
-    check_run(tmp_path, name, CALIBRATION_ONLY)
+    check_run(tmp_path, name, [*CALIBRATION_ONLY, "--export"])
 
 
 @pytest.mark.slow
