@@ -34,6 +34,7 @@ from mmengine.registry import init_default_scope
 import lidar_ptq
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
 from lidar_ptq.export.onnx_qdq import export_onnx
+from lidar_ptq.export.runtime import ort_session
 from lidar_ptq.export.verify import layerwise_agreement
 from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
@@ -56,13 +57,6 @@ def bev_canvas(channels: int, size: int, occupied: float, seed: int) -> torch.Te
     mask = torch.rand(size, size, generator=g) < occupied
     canvas[0, :, mask] = torch.rand(channels, int(mask.sum()), generator=g) * 4
     return canvas
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def latency_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int) -> tuple[float, list[np.ndarray]]:
@@ -105,7 +99,7 @@ def latency_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         fp32_ms = None
         for method, path in files.items():
             start = time.perf_counter()
-            ms, got = latency_ms(session(path, args.threads), {"bev": bev.numpy()}, args.runs)
+            ms, got = latency_ms(ort_session(path, threads=args.threads), {"bev": bev.numpy()}, args.runs)
             fp32_ms = ms if method == "fp32" else fp32_ms
             rows.append({"model": name, "method": method, "w_bits": 32 if method == "fp32" else 8,
                          "a_bits": 32 if method == "fp32" else 8, "metric": "latency_ms", "value": ms,

@@ -208,6 +208,11 @@ def constant_values(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
+def producers(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """The node writing each tensor."""
+    return {out: node for node in proto.graph.node for out in node.output}
+
+
 def consumers(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     out: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
@@ -221,7 +226,7 @@ def unsigned_after_relu(proto: onnx.ModelProto) -> int:
     with its DequantizeLinear readers (see the module docstring)."""
     values = constant_values(proto)
     users = consumers(proto)
-    producer = {out: node for node in proto.graph.node for out in node.output}
+    producer = producers(proto)
 
     def non_negative(tensor: str) -> bool:
         node = producer.get(tensor)

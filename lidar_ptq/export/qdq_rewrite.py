@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .onnx_qdq import constant_values, consumers, prune_unused
+from .onnx_qdq import constant_values, consumers, producers, prune_unused
 
 ALIASES = "quantizers: "
 
@@ -85,7 +85,7 @@ def quantize_concat_inputs(proto: onnx.ModelProto) -> int:
     """Concat whose readers all quantize with one scale: the same Q/DQ on each of its inputs."""
     values = constant_values(proto)
     users = consumers(proto)
-    producer = {o: n for n in proto.graph.node for o in n.output}
+    producer = producers(proto)
     count = 0
     for concat in [n for n in proto.graph.node if n.op_type == "Concat"]:
         readers = users.get(concat.output[0], [])

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .onnx_qdq import constant_values, consumers, prune_unused
+from .onnx_qdq import constant_values, consumers, producers, prune_unused
 
 DEFAULT_CACHE_HEADER = "TRT-8601-EntropyCalibration2"
 
@@ -59,7 +59,7 @@ def strip_qdq(proto: onnx.ModelProto) -> onnx.ModelProto:
     out.CopyFrom(proto)
     values = constant_values(out)
     users = consumers(out)
-    producer = {o: n for n in out.graph.node for o in n.output}
+    producer = producers(out)
     graph_outputs = {o.name for o in out.graph.output}
     remove = []
     for node in out.graph.node:

@@ -25,22 +25,19 @@ from torch import nn
 
 from ..quant.quantizer import FakeQuantizer
 from .qdq_rewrite import quantizer_names
+from .runtime import ort_session
 
 
 def quantizer_codes(path: str | os.PathLike, feeds: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
     """Run the file with ONNX Runtime's reference kernels; integer codes of every named QuantizeLinear,
     by quantizer name, in graph order (a quantizer used twice has two entries)."""
-    import onnxruntime as ort
     model = onnx.load(str(path))
     quants = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and quantizer_names(n)]
     existing = {o.name for o in model.graph.output}
     for node in quants:
         if node.output[0] not in existing:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(node.output[0]))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model, optimized=False)
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(None, feeds)))
     codes: dict[str, list[np.ndarray]] = defaultdict(list)

@@ -16,19 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..export.runtime import ort_session
 from .adapter import DetectorAdapter, unwrap_model
-from .export import flatten_outputs
+from .export import flatten_outputs, unflatten_outputs
 
 
 class _OnnxModule(nn.Module):
     def __init__(self, path: Path, input_names: list[str], optimized: bool = True) -> None:
         super().__init__()
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if not optimized:  # reference kernels: exactly the file's arithmetic (see export._ort_run)
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, optimized)
         self.input_names = input_names
 
     def run(self, *tensors: torch.Tensor) -> list[np.ndarray]:
@@ -85,7 +81,7 @@ def deployed_parts(model: nn.Module, export_dir: str | Path, optimized: bool = T
         names_out = [n for n, _ in flatten_outputs(template["structure"])]
         if len(names_out) != len(flat):
             raise RuntimeError(f"dense.onnx has {len(flat)} outputs, the head {len(names_out)}")
-        return _unflatten(template["structure"], [torch.from_numpy(a).to(bev.device) for a in flat])
+        return unflatten_outputs(template["structure"], [torch.from_numpy(a).to(bev.device) for a in flat])
 
     try:
         if (export_dir / "sparse_backbone.onnx").is_file():
@@ -104,7 +100,3 @@ def deployed_parts(model: nn.Module, export_dir: str | Path, optimized: bool = T
             setattr(detector, name, part)
         head.__dict__.pop("forward", None)
 
-
-def _unflatten(template: Any, flat: list[torch.Tensor]) -> Any:
-    from .export import unflatten_outputs
-    return unflatten_outputs(template, flat)

@@ -35,6 +35,7 @@ from torch import nn
 from .. import __version__
 from ..export.checks import require_exportable
 from ..export.onnx_qdq import export_onnx
+from ..export.runtime import ort_session
 from ..export.sparse_onnx import (
     SparseGraph,
     emit_add,
@@ -171,15 +172,7 @@ def _io(proto: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
 
 
 def _ort_run(path: Path, feeds: dict[str, np.ndarray], optimized: bool = True) -> list[np.ndarray]:
-    """ONNX Runtime on the CPU; ``optimized=False`` uses its reference kernels (no graph fusions), which
-    compute exactly what the file says, while the fused INT8 kernels round like a real engine."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    return ort_session(path, optimized).run(None, feeds)
 
 
 def _steps(diff: float, quantizer: Any) -> float | None:
