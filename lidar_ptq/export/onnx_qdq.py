@@ -31,7 +31,7 @@ from torch import nn
 
 from ..quant.functional import broadcast_shape, fake_quantize
 from ..quant.modules import QuantModuleMixin
-from ..quant.quantizer import FakeQuantizer
+from ..quant.quantizer import FakeQuantizer, temporary_quant_mode
 from .checks import require_exportable
 
 log = logging.getLogger(__name__)
@@ -144,20 +144,15 @@ def export_onnx(model: nn.Module, args: tuple[Any, ...], path: str | os.PathLike
     was_training = model.training
     model.eval()
     buffer = io.BytesIO()
-    from ..api import set_quant_mode
-    modes = {name: q.mode for name, q in model.named_modules() if isinstance(q, FakeQuantizer)}
     try:
-        set_quant_mode(model, "quantize" if quantized else "float")
         context = qdq_export_mode(model) if quantized else contextlib.nullcontext()
-        with context, torch.no_grad(), warnings.catch_warnings():
+        with temporary_quant_mode(model, "quantize" if quantized else "float"), context, torch.no_grad(), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, args, buffer, dynamo=False, opset_version=opset, input_names=list(input_names),
                               output_names=list(output_names), dynamic_axes=dynamic_axes or {},
                               do_constant_folding=True)
     finally:
-        for name, q in model.named_modules():
-            if isinstance(q, FakeQuantizer) and name in modes:
-                q.mode = modes[name]
         model.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
     adopt_quantizer_names(proto)

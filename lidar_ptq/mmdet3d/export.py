@@ -48,7 +48,7 @@ from ..export.sparse_onnx import (
 from ..export.tensorrt import activation_ranges, shared_range_tensors, strip_qdq, write_dynamic_ranges
 from ..export.verify import layerwise_agreement
 from ..quant.modules import QuantModuleMixin
-from ..quant.quantizer import FakeQuantizer, QuantMode
+from ..quant.quantizer import QuantMode, temporary_quant_mode
 from .adapter import DetectorAdapter, DetectorBatch, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def _export_sparse_backbone(adapter: DetectorAdapter, inputs: dict[str, tuple], 
         "layers_int8": len(convs) - len(fp16_layers), "layers_fp16": len(fp16_layers), "fp16_layers": fp16_layers}
     if verify:
         from ..export.sparse_check import SparseOnnxRunner
-        with torch.no_grad(), _float_layers(middle, fp16_layers, name):
+        with torch.no_grad(), temporary_quant_mode(_named_layers(middle, fp16_layers, name), QuantMode.FLOAT):
             ref = middle(feats, coors, batch_size).cpu()  # the model the file means: FP16 layers unquantized
         diff = (SparseOnnxRunner(folder / "sparse_backbone.onnx")(feats.cpu(), coors.cpu(), batch_size) - ref).abs()
         step = _first_input_quantizer(dense)
@@ -385,21 +385,9 @@ def export_detector(model: nn.Module, batch: DetectorBatch, out_dir: str | os.Pa
     return manifest
 
 
-@contextlib.contextmanager
-def _float_layers(module: nn.Module, names: list[str], prefix: str) -> Iterator[None]:
-    """Quantizers of the named layers switched to float for the duration (FP16 overrides)."""
-    switched = []
-    for name, layer in module.named_modules():
-        if f"{prefix}.{name}" in names:
-            for q in layer.modules():
-                if isinstance(q, FakeQuantizer) and q.mode is not QuantMode.FLOAT:
-                    switched.append((q, q.mode))
-                    q.mode = QuantMode.FLOAT
-    try:
-        yield
-    finally:
-        for q, mode in switched:
-            q.mode = mode
+def _named_layers(module: nn.Module, names: list[str], prefix: str) -> list[nn.Module]:
+    """The submodules of ``module`` whose ``<prefix>.<name>`` is in ``names`` (the FP16-override layers)."""
+    return [layer for name, layer in module.named_modules() if f"{prefix}.{name}" in names]
 
 
 def _voxelization(detector: nn.Module) -> dict[str, Any]:

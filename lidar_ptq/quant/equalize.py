@@ -26,7 +26,7 @@ from torch import nn
 
 from ..batches import call_model
 from .modules import QuantModuleMixin
-from .quantizer import FakeQuantizer, QuantMode
+from .quantizer import QuantMode, temporary_quant_mode
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,6 @@ def input_channel_absmax(model: nn.Module, layers: dict[str, QuantModuleMixin], 
                          ) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| of each layer's input over ``data``, run in float mode."""
     absmax: dict[str, torch.Tensor] = {}
-    modes = {q: q.mode for q in model.modules() if isinstance(q, FakeQuantizer)}
-    for q in modes:  # the statistics are of the float model (and uncalibrated quantizers cannot run)
-        q.mode = QuantMode.FLOAT
 
     def hook(module: QuantModuleMixin, args: tuple, name: str) -> None:
         x = module.prescale_input(args[0]).detach()
@@ -56,14 +53,13 @@ def input_channel_absmax(model: nn.Module, layers: dict[str, QuantModuleMixin], 
 
     handles = [m.register_forward_pre_hook(lambda mod, args, _n=name: hook(mod, args, _n))
                for name, m in layers.items()]
-    try:
-        for batch in data:
-            call_model(model, batch)
+    try:  # the statistics are of the float model (and uncalibrated quantizers cannot run)
+        with temporary_quant_mode(model, QuantMode.FLOAT):
+            for batch in data:
+                call_model(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        for q, mode in modes.items():
-            q.mode = mode
     return absmax
 
 

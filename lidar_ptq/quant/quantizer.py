@@ -1,9 +1,10 @@
 """The uniform affine fake quantizer: one object per quantized tensor."""
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -196,3 +197,19 @@ class FakeQuantizer(nn.Module):
         if present:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
+
+
+@contextlib.contextmanager
+def temporary_quant_mode(modules: nn.Module | Iterable[nn.Module], mode: QuantMode | str) -> Iterator[None]:
+    """Every quantizer inside ``modules`` in ``mode`` for the duration; each gets its own mode back after
+    (``lidar_ptq.set_quant_mode`` switches a model for good)."""
+    mode = QuantMode(mode)
+    roots = [modules] if isinstance(modules, nn.Module) else list(modules)
+    previous = {q: q.mode for root in roots for q in root.modules() if isinstance(q, FakeQuantizer)}
+    for q in previous:
+        q.mode = mode
+    try:
+        yield
+    finally:
+        for q, old in previous.items():
+            q.mode = old
