@@ -13,6 +13,7 @@ onnx = import_or_skip("onnx")
 import_or_skip("onnxruntime")
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
+from test_mmdet3d_ptq import load_tool  # noqa: E402
 
 import lidar_ptq  # noqa: E402
 import lidar_ptq.mmdet3d  # noqa: E402,F401
@@ -26,16 +27,6 @@ from lidar_ptq.sim.dataset import DatasetSpec, generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = ROOT / "benchmarks" / "models"
-
-
-def load_script(name):
-    import importlib.util
-    import sys
-    sys.path.insert(0, str(ROOT / "tools"))
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +59,7 @@ def quantized_model(config, kind, frames=2):
 @pytest.fixture(scope="module")
 def pillar_run(data):
     root, configs = data
-    tool = load_script("quantize")
+    tool = load_tool("quantize")
     work = root / "pillar_work"
     assert tool.main([str(configs["pillar"]), str(MODELS_DIR / "centerpoint_pillar_synthetic.pth"), "--work-dir",
                       str(work), "--quant-config", "maxmin", "--calib-frames", "2", "--skip-float-eval",
@@ -115,7 +106,7 @@ def test_quantize_export_writes_verified_pillar_files(pillar_run):
 
 def test_export_tool_reexports_and_refuses_a_float_checkpoint(pillar_run, data, capsys):
     root, configs = data
-    tool = load_script("export")
+    tool = load_tool("export")
     out = root / "reexport"
     assert tool.main([str(configs["pillar"]), str(pillar_run / "quantized.pth"), "--out", str(out)]) == 0
     assert json.loads((out / "manifest.json").read_text())["files"].keys() == \

@@ -27,9 +27,13 @@ FAST = ["--quant-options", "recon.iterations=3", "recon.output_loss_every=2", "g
         "--calib-frames", "3"]
 
 
-def load_tool():
+def load_tool(name: str = "quantize"):
+    """A script of tools/ as a module (tools/ on sys.path: tools/export.py imports tools/quantize.py)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("quantize_tool", ROOT / "tools" / "quantize.py")
+    import sys
+    if str(ROOT / "tools") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tools"))
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
