@@ -283,8 +283,8 @@ def test_output_loss_every_k_and_float_outputs_computed_once_per_batch():
     handle.remove()
     assert calls["loss"] == len(report.units) * 3       # steps 0, 4, 8 of each unit
     # full float forwards (captures stop early and never finish one): batches 0, 1, 2 once each,
-    # shared by all units
-    assert calls["float"] == 3
+    # shared by all units, plus one scan for quantizers reading a shared tensor
+    assert calls["float"] == 3 + 1
     with pytest.raises(ValueError, match="output_loss_every"):
         ReconConfig(output_loss_every=0)
 
@@ -318,3 +318,42 @@ def test_blocks_with_non_tensor_calls_are_split_into_children():
     assert [u.name for u in find_units(model)] == ["stem", "neck"]
     report = reconstruct(model, data, ReconConfig.from_method("brecq", iterations=5, progress=False))
     assert [u.name for u in report.units] == ["stem", "neck.a", "neck.b"]
+
+
+class FanOut(nn.Module):
+    """One tensor read by two layers (a SECOND stage feeding the next stage and the FPN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.left, self.right = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.stem(x))
+        return self.left(y) + self.right(y)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantizers_reading_one_tensor_share_the_learned_step(tied):
+    torch.manual_seed(0)
+    model = lidar_ptq.quantize(FanOut().eval(), {"weight": {"bits": 4, "per_channel": True}, "input": {"bits": 4}})
+    data = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    lidar_ptq.calibrate(model, data)
+    left, right = model.left.input_quantizer, model.right.input_quantizer
+    assert torch.equal(left.scale, right.scale)  # same tensor, same calibration range
+    calibrated = left.scale.clone()
+    report = reconstruct(model, data, ReconConfig.from_method("brecq", granularity="layer", iterations=30,
+                                                              lr_act_scale=1e-2, progress=False,
+                                                              tie_shared_inputs=tied))
+    assert not torch.equal(left.scale, calibrated)  # the step was learned
+    if tied:
+        assert report.tied_quantizers == [["left.input_quantizer", "right.input_quantizer"]]
+        assert torch.equal(left.scale, right.scale)
+        assert left.leader is None and right.leader is None  # untied afterwards: the saved model is plain
+        reloaded = lidar_ptq.quantize(FanOut().eval(), {"weight": {"bits": 4, "per_channel": True},
+                                                        "input": {"bits": 4}})
+        lidar_ptq.freeze(model)  # bake the learned rounding into the weights
+        reloaded.load_state_dict(model.state_dict())
+        assert torch.equal(reloaded.right.input_quantizer.scale, left.scale)
+    else:
+        assert report.tied_quantizers == [] and not torch.equal(left.scale, right.scale)

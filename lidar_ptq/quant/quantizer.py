@@ -52,6 +52,9 @@ class FakeQuantizer(nn.Module):
         self.site_mask_provider: Callable[[torch.Tensor], torch.Tensor | None] | None = None
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
+        # Another quantizer of the same tensor whose step this one uses (lidar_ptq.quant.tying); a plain
+        # list so it is neither a submodule nor in the state dict.
+        self._leader: list[FakeQuantizer] = []
         if spec.learn_scale:
             self.enable_lsq()
 
@@ -67,6 +70,21 @@ class FakeQuantizer(nn.Module):
     @property
     def learns_scale(self) -> bool:
         return isinstance(self.scale, nn.Parameter)
+
+    @property
+    def leader(self) -> FakeQuantizer | None:
+        return self._leader[0] if self._leader else None
+
+    def follow(self, leader: FakeQuantizer | None) -> None:
+        """Quantize with ``leader``'s step and zero point from now on (None: own again); own buffers synced."""
+        self._leader = [leader] if leader is not None else []
+        self.sync_from_leader()
+
+    def sync_from_leader(self) -> None:
+        """Copy the leader's (possibly learned) step into this quantizer's buffers: state dicts, exporters
+        and reports then read the value the forward pass uses."""
+        if self._leader and self._leader[0].calibrated:
+            self._assign(self._leader[0].scale.detach().clone(), self._leader[0].zero_point.clone())
 
     def enable_lsq(self) -> None:
         """Make the step size trainable (LSQ); the zero point stays fixed."""
@@ -121,12 +139,13 @@ class FakeQuantizer(nn.Module):
         if self.mode is QuantMode.CALIBRATE:
             self.observe(x, mask)
             return x
-        self._require_calibrated()
-        scale = self.scale
-        if self.learns_scale:
+        source = self._leader[0] if self._leader else self
+        source._require_calibrated()
+        scale = source.scale
+        if source.learns_scale:
             per_scale = x.numel() // max(scale.numel(), 1)
             scale = grad_scale(scale, 1.0 / math.sqrt(per_scale * self.spec.qmax))
-        scale, zero_point = self._broadcast(scale, x), self._broadcast(self.zero_point, x)
+        scale, zero_point = self._broadcast(scale, x), self._broadcast(source.zero_point, x)
         if self.spec.scheme == "log2":
             out = fake_quantize_log2(x, scale * self.spec.qmax, 2 ** self.spec.bits)
         elif self.rounding is not None:

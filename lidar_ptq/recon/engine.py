@@ -24,6 +24,7 @@ from ..batches import call_model
 from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import QuantMode
 from ..quant.rounding import AdaRound, attach_rounding, bake_rounding
+from ..quant.tying import shared_input_groups, sync, tie, untie
 from .cache import Captured, TensorStore, capture, primary_output
 from .losses import OutputLoss, TaskLoss, fisher_loss, lp_loss
 from .units import Unit, find_units, refine_units
@@ -56,6 +57,9 @@ class ReconConfig:
     output_loss: OutputLoss | None = None  # loss on the final model output, added to the unit loss
     output_loss_weight: float = 1.0
     output_loss_every: int = 1            # output-loss (full model) step every k iterations, local steps between
+    # Quantizers reading one tensor share the first reader's learned step (lidar_ptq.quant.tying), so a
+    # deployed engine can quantize that tensor once; False learns every reader's step on its own.
+    tie_shared_inputs: bool = True
     cache_budget_mb: float = float("inf")
     cache_dir: str | None = None
     resume_dir: str | None = None
@@ -108,6 +112,7 @@ class UnitReport:
 class ReconReport:
     units: list[UnitReport] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
+    tied_quantizers: list[list[str]] = field(default_factory=list)  # groups sharing one step (leader first)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -165,7 +170,7 @@ class _UnitOptimiser:
                           for layer in self.layers]
         self.act_quantizers = [q for q in unit.activation_quantizers() if q.enabled and q.calibrated]
         for q in self.act_quantizers:
-            if cfg.learn_act_scale:
+            if cfg.learn_act_scale and q.leader is None:  # followers use their leader's step
                 q.enable_lsq()
             q.drop_prob = cfg.drop_prob
         round_params = [p for r in self.roundings if r is not None for p in r.parameters()]
@@ -367,6 +372,8 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
     finished, report.units = _load_resume(model, units, cfg)
     report.resumed = list(finished)
     float_outputs: dict[int, Any] = {}  # float model output per calibration batch (output losses)
+    groups = shared_input_groups(model, lambda: call_model(model, data[0])) if cfg.tie_shared_inputs else []
+    tie(groups)
     try:
         for index, unit in enumerate(units):
             if unit.name in finished:
@@ -391,14 +398,17 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
                         c.close()
                 if grads is not None:
                     grads.close()
+            sync(groups)  # before the resume checkpoint: saved followers carry their leader's step
             report.units.append(unit_report)
             finished.append(unit.name)
             logger.info("unit %s: loss %.4g -> %.4g (%d layers, %.1fs)", unit.name, unit_report.first_loss,
                         unit_report.final_loss, unit_report.layers, unit_report.seconds)
             _save_resume(model, finished, report.units, cfg)
     finally:
+        untie(groups)
         set_quant_mode(model, QuantMode.QUANTIZE)
         model.train(was_training)
+    report.tied_quantizers = [[q.name for q in g] for g in groups]
     return report
 
 
