@@ -135,8 +135,11 @@ def test_voxel_export_sparse_backbone_with_fp16_first_layer(data, tmp_path):
     _, model, batches = quantized_model(configs["voxel"], "voxel")
     manifest = export_detector(model, batches[0], tmp_path / "export",
                                sparse_precision={"*conv_input*": "fp16"})
-    assert {"sparse_backbone.onnx", "dense.onnx"} <= set(manifest["files"])
+    # the synthetic voxel model's encoder is learned (HardVFE): it gets its own Q/DQ file
+    assert {"voxel_encoder.onnx", "sparse_backbone.onnx", "dense.onnx"} <= set(manifest["files"])
     assert "pillar_encoder.onnx" not in manifest["files"]
+    encoder = manifest["files"]["voxel_encoder.onnx"]
+    assert encoder["inputs"][0]["shape"][0] == "num_voxels" and encoder["outputs"][0]["name"] == "voxel_features"
     sparse = manifest["files"]["sparse_backbone.onnx"]
     assert sparse["fp16_layers"] == ["pts_middle_encoder.conv_input.0"] and sparse["layers_int8"] >= 10
     proto = onnx.load(str(tmp_path / "export" / "sparse_backbone.onnx"))
@@ -148,6 +151,8 @@ def test_voxel_export_sparse_backbone_with_fp16_first_layer(data, tmp_path):
         assert any(n.op_type == "Relu" and n.input[0] == add.output[0] for n in proto.graph.node)
     assert proto.graph.node[-2].op_type == "ScatterDense" and proto.graph.node[-1].op_type == "Reshape"
     verification = manifest["verification"]
+    assert verification["voxel_encoder"]["layerwise"]["max_code_diff"] <= 1
+    assert verification["voxel_encoder"]["diff_in_steps_of_next_quantizer"] < 1.0
     assert verification["sparse_backbone"]["share_over_1_step"] < 0.01
     check_dense_verification(verification)
 

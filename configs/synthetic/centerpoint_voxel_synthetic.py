@@ -1,6 +1,12 @@
 # A small CenterPoint-Voxel for the synthetic LiDAR benchmark: 0.2 x 0.2 x 0.25 m
 # voxels on a 76.8 m square, spconv SparseEncoder (basic blocks with residual adds,
 # as CUDA-CenterPoint deploys), BEV at stride 8 upsampled to stride 4 (96x96).
+# The voxel encoder is learned (HardVFE, VoxelNet-style: each point's x, y, z,
+# intensity next to its offsets from the voxel's point mean and from the voxel
+# centre -> Linear+BN+ReLU -> max): metre-scale coordinates and centimetre-scale
+# offsets share one input tensor, as in the pillar model. The first version used
+# the parameter-free mean (HardSimpleVFE) and every INT8 method stayed within
+# 0.4 mAP of FP32 (the sparse grid already carries the geometry): too easy.
 _base_ = ['mmdet3d::_base_/default_runtime.py', '../_base_/synthetic_lidar.py']
 
 point_cloud_range = [-38.4, -38.4, -3.0, 38.4, 38.4, 3.0]
@@ -13,9 +19,12 @@ model = dict(
         type='Det3DDataPreprocessor', voxel=True,
         voxel_layer=dict(max_num_points=10, voxel_size=voxel_size, point_cloud_range=point_cloud_range,
                          max_voxels=(40000, 40000))),
-    pts_voxel_encoder=dict(type='HardSimpleVFE', num_features=4),
+    pts_voxel_encoder=dict(
+        type='HardVFE', in_channels=4, feat_channels=[32], with_distance=False, with_cluster_center=True,
+        with_voxel_center=True, voxel_size=voxel_size, point_cloud_range=point_cloud_range,
+        norm_cfg=dict(type='BN1d', eps=1e-3, momentum=0.01)),
     pts_middle_encoder=dict(
-        type='SparseEncoder', in_channels=4, sparse_shape=[grid[2] + 1, grid[1], grid[0]], output_channels=64,
+        type='SparseEncoder', in_channels=32, sparse_shape=[grid[2] + 1, grid[1], grid[0]], output_channels=64,
         order=('conv', 'norm', 'act'), base_channels=16,
         encoder_channels=((16, 16, 32), (32, 32, 64), (64, 64, 64), (64, 64)),
         encoder_paddings=((0, 0, 1), (0, 0, 1), (0, 0, [0, 1, 1]), (1, 1)),

@@ -1,7 +1,7 @@
 """Run a detector with its exported files in place of its networks (ONNX Runtime + the libspconv reader).
 
 ``with deployed_parts(detector, export_dir): evaluate(...)`` scores exactly what
-the export says: the pillar encoder / dense network through ONNX Runtime, the
+the export says: the pillar/voxel encoder and dense network through ONNX Runtime, the
 sparse backbone through ``SparseOnnxRunner``, while voxelization, scatter, box
 decoding and NMS stay mmdet3d's (the application's part in deployment). Used
 by the export benchmark to measure the deployed mAP next to PyTorch's.
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..export.runtime import ort_session
 from .adapter import DetectorAdapter, unwrap_model
-from .export import flatten_outputs, unflatten_outputs
+from .export import POINT_ENCODER_INPUTS, flatten_outputs, unflatten_outputs
 
 
 class _OnnxModule(nn.Module):
@@ -31,7 +31,7 @@ class _OnnxModule(nn.Module):
         return self.session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, tensors)})
 
 
-class _OnnxPillarEncoder(_OnnxModule):
+class _OnnxPointEncoder(_OnnxModule):
     def forward(self, voxels: torch.Tensor, num_points: torch.Tensor, coors: torch.Tensor, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
         return torch.from_numpy(self.run(voxels, num_points, coors)[0]).to(voxels.device)
@@ -87,9 +87,10 @@ def deployed_parts(model: nn.Module, export_dir: str | Path, optimized: bool = T
         if (export_dir / "sparse_backbone.onnx").is_file():
             setattr(detector, names[1], _SparseOnnxBackbone(export_dir / "sparse_backbone.onnx",
                                                             list(originals[names[1]].sparse_shape)))
-        else:
-            setattr(detector, names[0], _OnnxPillarEncoder(export_dir / "pillar_encoder.onnx",
-                                                           ["voxels", "num_points", "coors"], optimized))
+        for stem in ("pillar_encoder", "voxel_encoder"):
+            if (export_dir / f"{stem}.onnx").is_file():
+                setattr(detector, names[0], _OnnxPointEncoder(export_dir / f"{stem}.onnx", POINT_ENCODER_INPUTS,
+                                                              optimized))
         setattr(detector, names[2], _PassThrough())
         if len(names) == 5:
             setattr(detector, names[3], _PassThrough())

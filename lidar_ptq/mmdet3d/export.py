@@ -3,7 +3,8 @@
 Split as in NVIDIA's CUDA-CenterPoint / mmdeploy: voxelization, the pillar
 scatter, box decoding and NMS stay in the application; the files are
 
-* ``pillar_encoder.onnx`` (Pillar): decorated pillar points -> pillar features, Q/DQ;
+* ``pillar_encoder.onnx`` (Pillar) / ``voxel_encoder.onnx`` (Voxel with a learned
+  encoder such as HardVFE): decorated points -> pillar/voxel features, Q/DQ;
 * ``sparse_backbone.onnx`` (Voxel): the SparseEncoder in libspconv's ONNX layout;
 * ``dense.onnx``: BEV map -> CenterHead maps (backbone, neck, head), Q/DQ for TensorRT;
 * ``*.fp32.onnx`` + ``*.calib.cache`` + ``*.ranges.json``: TensorRT's implicit-INT8 route;
@@ -130,8 +131,8 @@ class DenseNetwork(nn.Module):
         return tuple(t for _, t in flatten_outputs(self.structured(bev)))
 
 
-class PillarEncoder(nn.Module):
-    """Decorated pillars -> pillar features (mmdet3d's PillarFeatureNet with its arguments fixed)."""
+class PointEncoder(nn.Module):
+    """The points of each pillar/voxel -> its features (PillarFeatureNet, HardVFE) with the arguments fixed."""
 
     def __init__(self, voxel_encoder: nn.Module) -> None:
         super().__init__()
@@ -249,9 +250,6 @@ class _Part:
 def _export_sparse_backbone(adapter: DetectorAdapter, inputs: dict[str, tuple], folder: Path, dense: nn.Module,
                             precision: dict[str, str] | None, output_bound: int, verify: bool) -> _Part:
     voxel_encoder, middle = (getattr(adapter, n) for n in adapter.part_names[:2])
-    if any(p.numel() for p in voxel_encoder.parameters()):
-        raise ValueError(f"{type(voxel_encoder).__name__} has weights; the voxel export supports "
-                         "parameter-free voxel encoders (HardSimpleVFE: mean of the points)")
     name = adapter.part_names[1]
     feats, coors, batch_size = inputs[name][:3]
     batch_size = int(batch_size)
@@ -263,7 +261,8 @@ def _export_sparse_backbone(adapter: DetectorAdapter, inputs: dict[str, tuple], 
     convs = {n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "precision")).decode()
              for n in proto.graph.node if n.op_type == "SparseConvolution"}
     fp16_layers = [n for n, p in convs.items() if p == "fp16"]
-    part = _Part(pipeline=["voxel features = mean of each voxel's points (HardSimpleVFE)",
+    learned = _has_weights(voxel_encoder)
+    part = _Part(pipeline=[*([] if learned else ["voxel features = mean of each voxel's points (HardSimpleVFE)"]),
                            "sparse_backbone.onnx on libspconv -> BEV map"])
     part.files["sparse_backbone.onnx"] = {
         "format": "libspconv ONNX (SparseConvolution/Add/Relu/ScatterDense/Reshape, FP16 initialisers)",
@@ -286,27 +285,35 @@ def _export_sparse_backbone(adapter: DetectorAdapter, inputs: dict[str, tuple], 
     return part
 
 
-PILLAR_INPUTS = ["voxels", "num_points", "coors"]
+POINT_ENCODER_INPUTS = ["voxels", "num_points", "coors"]
 
 
-def _export_pillar_encoder(adapter: DetectorAdapter, inputs: dict[str, tuple], folder: Path, dense: nn.Module,
-                           verify: bool) -> _Part:
-    pillar = PillarEncoder(getattr(adapter, adapter.part_names[0])).eval()
+def _has_weights(module: nn.Module) -> bool:
+    return any(p.numel() for p in module.parameters())
+
+
+def _export_point_encoder(adapter: DetectorAdapter, inputs: dict[str, tuple], folder: Path, reader: nn.Module,
+                          verify: bool, kind: str) -> _Part:
+    """``{kind}_encoder.onnx``: the points of each pillar/voxel -> its feature vector (``kind``: pillar|voxel).
+
+    ``reader`` is the network that consumes the features (its first quantizer sizes the verification)."""
+    encoder = PointEncoder(getattr(adapter, adapter.part_names[0])).eval()
     args = tuple(inputs[adapter.part_names[0]][:3])
-    dynamic = {n: {0: "num_pillars"} for n in [*PILLAR_INPUTS, "pillar_features"]}
-    part = _Part(files=_export_dense_file(pillar, args, folder, "pillar_encoder", PILLAR_INPUTS, ["pillar_features"],
-                                          dynamic),
-                 pipeline=["pillar_encoder.onnx (TensorRT) -> pillar features",
-                           "scatter pillar features into the BEV canvas (application; see 'scatter')"])
+    stem, features = f"{kind}_encoder", f"{kind}_features"
+    dynamic = {n: {0: f"num_{kind}s"} for n in [*POINT_ENCODER_INPUTS, features]}
+    next_step = (["scatter pillar features into the BEV canvas (application; see 'scatter')"] if kind == "pillar"
+                 else [])
+    part = _Part(files=_export_dense_file(encoder, args, folder, stem, POINT_ENCODER_INPUTS, [features], dynamic),
+                 pipeline=[f"{stem}.onnx (TensorRT) -> {kind} features", *next_step])
     if verify:
         with torch.no_grad():
-            ref = pillar(*args).cpu().numpy()
-        got = _ort_run(folder / "pillar_encoder.onnx", {n: a.cpu().numpy() for n, a in zip(PILLAR_INPUTS, args)})[0]
+            ref = encoder(*args).cpu().numpy()
+        got = _ort_run(folder / f"{stem}.onnx", {n: a.cpu().numpy() for n, a in zip(POINT_ENCODER_INPUTS, args)})[0]
         diff = float(np.abs(got - ref).max())
-        part.verification["pillar_encoder"] = {
+        part.verification[stem] = {
             "max_abs_diff": diff, "max_abs": float(np.abs(ref).max()),
-            "diff_in_steps_of_next_quantizer": _steps(diff, _first_input_quantizer(dense)),
-            "layerwise": layerwise_agreement(pillar, args, folder / "pillar_encoder.onnx", PILLAR_INPUTS)}
+            "diff_in_steps_of_next_quantizer": _steps(diff, _first_input_quantizer(reader)),
+            "layerwise": layerwise_agreement(encoder, args, folder / f"{stem}.onnx", POINT_ENCODER_INPUTS)}
     return part
 
 
@@ -366,19 +373,24 @@ def export_detector(model: nn.Module, batch: DetectorBatch, out_dir: str | os.Pa
     with _assembled_aside(Path(out_dir)) as folder:
         inputs, head_output = capture_part_inputs(adapter, batch)
         dense = DenseNetwork(adapter).eval()
-        if isinstance(middle, SparseEncoder):
-            first = _export_sparse_backbone(adapter, inputs, folder, dense, sparse_precision, output_bound, verify)
-        else:
-            first = _export_pillar_encoder(adapter, inputs, folder, dense, verify)
-        second = _export_dense(adapter, dense, inputs[adapter.part_names[2]][0], head_output, batch, folder, verify)
+        sparse = isinstance(middle, SparseEncoder)
+        parts = []
+        if not sparse or _has_weights(getattr(adapter, adapter.part_names[0])):
+            parts.append(_export_point_encoder(adapter, inputs, folder, middle if sparse else dense, verify,
+                                               "voxel" if sparse else "pillar"))
+        if sparse:
+            parts.append(_export_sparse_backbone(adapter, inputs, folder, dense, sparse_precision, output_bound,
+                                                 verify))
+        parts.append(_export_dense(adapter, dense, inputs[adapter.part_names[2]][0], head_output, batch, folder,
+                                   verify))
         manifest = {
             "format_version": MANIFEST_VERSION, "producer": f"lidar_ptq {__version__}",
-            "detector": type(detector).__name__, "files": {**first.files, **second.files},
-            "pipeline": ["voxelize points (application; settings under 'voxelization')", *first.pipeline,
-                         *second.pipeline],
+            "detector": type(detector).__name__, "files": {k: v for p in parts for k, v in p.files.items()},
+            "pipeline": ["voxelize points (application; settings under 'voxelization')",
+                         *(line for p in parts for line in p.pipeline)],
             "voxelization": _voxelization(detector), "scatter": _scatter(middle),
             "head": {"type": type(adapter.head).__name__, "outputs": [n for n, _ in flatten_outputs(head_output)]},
-            "verification": {**first.verification, **second.verification},
+            "verification": {k: v for p in parts for k, v in p.verification.items()},
             "seconds": round(time.perf_counter() - start, 2)}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, default=float))
     log.info("exported %s to %s in %.1f s", ", ".join(sorted(manifest["files"])), out_dir, manifest["seconds"])

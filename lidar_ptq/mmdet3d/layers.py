@@ -4,15 +4,15 @@ mmcv's registered layer wrappers (``deconv`` is ``mmcv.cnn.bricks.wrappers.ConvT
 a torch subclass that only special-cases empty inputs) get the torch layers' twins.
 
 mmcv's ``ConvModule`` (conv -> norm -> act as attributes, used by CenterHead)
-and mmdet3d's ``PFNLayer`` (linear -> BN1d over a permuted tensor -> ReLU in the
-pillar encoder) wire their BN outside a sequential container, so
-``fold_batchnorms`` needs to be told.
+and mmdet3d's ``PFNLayer``/``VFELayer`` (linear -> BN1d over a permuted tensor ->
+ReLU in the pillar/voxel encoders) wire their BN outside a sequential container,
+so ``fold_batchnorms`` needs to be told.
 """
 from __future__ import annotations
 
 from mmcv.cnn import ConvModule
 from mmcv.cnn.bricks import wrappers
-from mmdet3d.models.voxel_encoders.utils import PFNLayer
+from mmdet3d.models.voxel_encoders.utils import PFNLayer, VFELayer
 from torch import nn
 
 from ..quant.fold import FOLD_RULES, fold_bn
@@ -36,14 +36,15 @@ def fold_conv_module(module: ConvModule) -> list[str]:
     return [module.norm_name]
 
 
-def fold_pfn_layer(layer: PFNLayer) -> list[str]:
+def fold_point_layer(layer: PFNLayer | VFELayer) -> list[str]:
     if not isinstance(layer.norm, nn.modules.batchnorm._BatchNorm):
         return []
     fold_bn(layer.linear, layer.norm, weight_axis=0)
     layer.norm = nn.Identity()
-    layer.linear.fused_activation = "relu"  # PFNLayer applies F.relu right after the norm
+    layer.linear.fused_activation = "relu"  # both apply F.relu right after the norm
     return ["norm"]
 
 
 FOLD_RULES[ConvModule] = fold_conv_module
-FOLD_RULES[PFNLayer] = fold_pfn_layer
+FOLD_RULES[PFNLayer] = fold_point_layer
+FOLD_RULES[VFELayer] = fold_point_layer
