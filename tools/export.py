@@ -5,7 +5,8 @@
 
 QUANTIZED_CKPT is the ``quantized.pth`` that tools/quantize.py wrote (also reachable
 as ``tools/quantize.py ... --export``). DIR (default: next to the checkpoint,
-``export/``) receives pillar_encoder.onnx or sparse_backbone.onnx, dense.onnx,
+``export/``) receives pillar_encoder.onnx (Pillar) or sparse_backbone.onnx (Voxel; with
+voxel_encoder.onnx when the voxel encoder is learned), dense.onnx,
 their float graphs + TensorRT calibration caches, and manifest.json. See
 docs/deploy_jetson.md for building the engines.
 """
