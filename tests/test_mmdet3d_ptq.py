@@ -2,6 +2,7 @@
 benchmark's small CenterPoint-Pillar (random weights, a few frames) and bad-input errors."""
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,10 @@ def test_tool_writes_metrics_checkpoint_and_params(quantized_run):
     assert all(p["calibrated"] for p in params)
     assert len(params) >= 2 * 30  # every conv/linear of the PFN, backbone, neck and head: weight + input
     assert metrics["unquantized_layers"] == []
+    # every task branch reads the head's shared conv: one tensor, one (learned) step after reconstruction
+    branch_inputs = [p["scale"] for n, p in by_name.items()
+                     if re.fullmatch(r"pts_bbox_head\.task_heads\.\d+\.\w+\.0\.conv\.input_quantizer", n)]
+    assert len(branch_inputs) >= 10 and all(s == branch_inputs[0] for s in branch_inputs)
     assert (work / "bev_fp32_vs_int8.png").stat().st_size > 10_000
 
 
