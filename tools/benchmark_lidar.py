@@ -1,8 +1,9 @@
 """LiDAR benchmark: FP32 vs PTQ methods on the synthetic CenterPoint-Pillar/Voxel (nuScenes-style mAP).
 
-Rows (W8A8): maxmin, entropy, percentile, percentile+equalize, brecq, qdrop, lidar_ptq and the LiDAR-PTQ
-ablation (ablation:maxmin = sparse max-min ranges, +equalize = input-channel equalization of the pillar
-encoder (not in the paper), +grid = task-guided search of the clipping range,
+Rows (W8A8): maxmin, entropy, percentile, percentile+equalize(+bias_correction), brecq, qdrop, lidar_ptq and
+the LiDAR-PTQ ablation (ablation:maxmin = sparse max-min ranges, +equalize = input-channel equalization of the
+pillar encoder, +bias_correction = empirical bias correction (both not in the paper), +grid = task-guided
+search of the clipping range,
 +tgpl = TGPL-driven activation steps, +rounding = adaptive rounding, i.e. full LiDAR-PTQ);
 W4A8: maxmin, qdrop, lidar_ptq; W8A4 (a stress test beyond the paper's settings, where even the robust
 voxel model separates the methods): maxmin, percentile, lidar_ptq. Every method sees the same
@@ -12,6 +13,7 @@ they finish (a killed run resumes); benchmarks/lidar.md and the PNG plots are re
     python tools/benchmark_lidar.py [--models pillar voxel] [--val-frames 200] [--calib-frames 32]
                                     [--iterations 100] [--output-loss-every 4] [--fresh]
                                     [--rows METHOD ...] [--bits w8a4 ...]   (only these rows)
+    python tools/benchmark_lidar.py --merge pillar.json voxel.json   (jobs run in parallel with --out)
 Models come from tools/train.py (benchmarks/models/centerpoint_<model>_synthetic.pth).
 """
 from __future__ import annotations
@@ -38,14 +40,16 @@ from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"pillar": ROOT / "configs/synthetic/centerpoint_pillar_synthetic.py",
            "voxel": ROOT / "configs/synthetic/centerpoint_voxel_synthetic.py"}
-ABLATION = {"ablation:maxmin": dict(equalize_inputs=False, grid_search=False, tgpl=False, adaptive_rounding=False),
-            "ablation:+equalize": dict(grid_search=False, tgpl=False, adaptive_rounding=False),
+ABLATION = {"ablation:maxmin": dict(equalize_inputs=False, bias_correction=False, grid_search=False, tgpl=False,
+                                   adaptive_rounding=False),
+            "ablation:+equalize": dict(bias_correction=False, grid_search=False, tgpl=False, adaptive_rounding=False),
+            "ablation:+bias_correction": dict(grid_search=False, tgpl=False, adaptive_rounding=False),
             "ablation:+grid": dict(tgpl=False, adaptive_rounding=False),
             "ablation:+tgpl": dict(adaptive_rounding=False),
             "ablation:+rounding": dict()}
 EQUALIZE = ["*voxel_encoder*"]  # "<method>+equalize": a baseline with LiDAR-PTQ's input equalization
-ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize", "brecq", "qdrop",
-                            "lidar_ptq", *ABLATION)] + \
+ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize",
+                            "percentile+equalize+bias_correction", "brecq", "qdrop", "lidar_ptq", *ABLATION)] + \
        [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq")] + \
        [(m, 8, 4) for m in ("maxmin", "percentile", "lidar_ptq")]
 
@@ -60,12 +64,33 @@ def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace) -> dict[s
         spec = {"method": base, "w_bits": w, "a_bits": a}
         if base == "percentile":
             spec["observer_kwargs"] = {"percentile": 99.99}
-        if method.endswith("+equalize"):
+        if "+equalize" in method:
             spec["equalize"] = EQUALIZE
+        if "+bias_correction" in method:
+            spec["bias_correction"] = True
     if method in ("brecq", "qdrop") or spec["method"] == "lidar_ptq":
         spec["recon"] = recon
     spec["calib_frames"] = args.calib_frames
     return spec
+
+
+def merge_results(result: dict[str, Any], files: list[Path]) -> dict[str, Any]:
+    """``result`` with the rows of ``files`` in place of the rows they rerun (same model, method, bits)."""
+    key = lambda r: (r["model"], r["method"], r["w_bits"], r["a_bits"])  # noqa: E731
+    settings = [k for k in result["meta"] if k not in ("machine", "note")]
+    for path in files:
+        other = json.loads(path.read_text())
+        differ = [k for k in settings if other["meta"].get(k) != result["meta"][k]]
+        if differ:
+            raise ValueError(f"{path} ran with other settings ({', '.join(differ)}); rerun it with the same "
+                             "--val-frames/--calib-frames/--iterations/--output-loss-every/--seed")
+        index = {key(r): i for i, r in enumerate(result["rows"])}
+        for row in other["rows"]:
+            if key(row) in index:
+                result["rows"][index[key(row)]] = row
+            else:
+                result["rows"].append(row)
+    return result
 
 
 def build_model(cfg: Config, checkpoint: Path) -> torch.nn.Module:
@@ -145,9 +170,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "lidar.json")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown/plots from the JSON")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="put the rows of these result files (e.g. jobs run in parallel with --out) into --out, "
+                             "replacing rows of the same model/method/bits, and rewrite the report")
     args = parser.parse_args()
     if args.report_only:
         write_outputs(json.loads(args.out.read_text()), args.out)
+        return 0
+    if args.merge:
+        write_outputs(merge_results(json.loads(args.out.read_text()), args.merge), args.out)
         return 0
     logging.basicConfig(level=logging.WARNING)
     init_default_scope("mmdet3d")

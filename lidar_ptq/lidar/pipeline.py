@@ -28,6 +28,7 @@ from torch import nn
 
 from ..api import calibrate, quantize
 from ..batches import call_model
+from ..quant.bias_correction import correct_biases
 from ..quant.equalize import equalize_inputs
 from ..recon.cache import is_sparse_tensor
 from ..recon.engine import ReconConfig, ReconReport, freeze, reconstruct
@@ -54,6 +55,8 @@ class PTQRecipe:
     # before calibration; alpha is SmoothQuant's migration strength.
     equalize: tuple[str, ...] = ()
     equalize_alpha: float = 0.75
+    # Empirical bias correction (lidar_ptq.quant.bias_correction) after calibration, before reconstruction.
+    bias_correction: bool = False
 
 
 @dataclass
@@ -67,6 +70,7 @@ class LidarPTQConfig:
     equalize_inputs: bool = True
     equalize_patterns: tuple[str, ...] = ("*voxel_encoder*",)
     equalize_alpha: float = 0.75
+    bias_correction: bool = True
     grid_search: bool = True
     tgpl: bool = True
     adaptive_rounding: bool = True
@@ -123,7 +127,7 @@ class LidarPTQConfig:
                          quant_candidates=candidates,
                          select_loss=TaskGuidedPositiveLoss(self.tgpl_config) if candidates else None,
                          equalize=tuple(self.equalize_patterns) if self.equalize_inputs else (),
-                         equalize_alpha=self.equalize_alpha)
+                         equalize_alpha=self.equalize_alpha, bias_correction=self.bias_correction)
 
 
 @dataclass
@@ -133,6 +137,7 @@ class LidarPTQReport:
     reconstruction: ReconReport | None
     frames: int = 0
     selection: dict[str, float] = field(default_factory=dict)  # candidate -> select_loss (chosen: lowest)
+    bias_corrections: dict[str, float] = field(default_factory=dict)  # layer -> largest bias change
 
 
 def frames_in(batch: Any) -> int:
@@ -178,10 +183,11 @@ def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe,
     if recipe.equalize:
         equalize_inputs(model, recipe.equalize, data, recipe.equalize_alpha)
     missing = _calibrate(model, data, recipe, occupancy_source)
+    corrections = correct_biases(model, data) if recipe.bias_correction else {}
     report = reconstruct(model, data, recipe.recon) if recipe.recon is not None else None
     if freeze_weights and report is not None:
         freeze(model)
-    return LidarPTQReport(recipe, missing, report, sum(frames_in(b) for b in data), selection)
+    return LidarPTQReport(recipe, missing, report, sum(frames_in(b) for b in data), selection, corrections)
 
 
 def _calibrate(model: nn.Module, data: list[Any], recipe: PTQRecipe, occupancy_source: str | None,

@@ -46,7 +46,8 @@ def _baseline(method: str, spec: Mapping[str, Any]) -> PTQRecipe:
         raise ValueError(f"method {method!r} does not reconstruct; drop 'recon' or use brecq/qdrop/lidar_ptq")
     return PTQRecipe(f"{method}_w{w_bits}a{a_bits}", quant, recon, False, int(spec.get("calib_frames", 256)),
                      dict(spec), equalize=tuple(spec.get("equalize", ())),
-                     equalize_alpha=float(spec.get("equalize_alpha", 0.75)))
+                     equalize_alpha=float(spec.get("equalize_alpha", 0.75)),
+                     bias_correction=bool(spec.get("bias_correction", False)))
 
 
 def recipe_from_dict(spec: Mapping[str, Any]) -> PTQRecipe:
@@ -56,7 +57,7 @@ def recipe_from_dict(spec: Mapping[str, Any]) -> PTQRecipe:
         raise ValueError(f"unknown PTQ method {method!r}; choose from {list(METHODS)}")
     if method != "lidar_ptq":
         allowed = {"method", "name", "w_bits", "a_bits", "observer_kwargs", "overrides", "recon", "calib_frames",
-                   "equalize", "equalize_alpha"}
+                   "equalize", "equalize_alpha", "bias_correction"}
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in a {method!r} recipe; valid: {sorted(allowed)}")
