@@ -97,3 +97,29 @@ def test_recipes_switch_bias_correction():
     assert not recipe_from_dict({"method": "lidar_ptq", "bias_correction": False}).bias_correction
     assert recipe_from_dict({"method": "percentile", "bias_correction": True}).bias_correction
     assert not recipe_from_dict({"method": "maxmin"}).bias_correction
+
+
+class _ScriptedLoss:
+    """A select loss that returns the scripted values in turn (one per batch call)."""
+
+    def __init__(self, values_per_pass, batches):
+        self.values = [v for v in values_per_pass for _ in range(batches)]
+
+    def __call__(self, quant_output, float_output, batch=None):
+        return torch.tensor(self.values.pop(0))
+
+
+@pytest.mark.parametrize("before, after, kept", [(1.0, 0.5, True), (0.5, 1.0, False)])
+def test_run_ptq_keeps_bias_correction_only_when_the_task_loss_drops(before, after, kept):
+    from lidar_ptq.lidar.pipeline import PTQRecipe, run_ptq
+
+    model = TinyBEV().eval()
+    original = {n: m.bias.detach().clone() for n, m in model.named_children() if isinstance(m, nn.Conv2d)}
+    frames = bev_frames()
+    recipe = PTQRecipe("w8a8_bc", {"input": {"bits": 8}}, calib_frames=12, bias_correction=True,
+                       select_loss=_ScriptedLoss([before, after], len(frames)))
+    report = run_ptq(model, frames, recipe)
+    assert report.bias_correction_loss == {"before": before, "after": after}
+    assert bool(report.bias_corrections) is kept
+    changed = [not torch.equal(model.get_submodule(n).bias, b) for n, b in original.items()]
+    assert all(changed) if kept else not any(changed)

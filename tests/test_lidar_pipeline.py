@@ -30,11 +30,15 @@ def sparse_bev(seed, n=2):
 
 
 def test_stage_switches():
-    cfg = LidarPTQConfig(sparse_calibration=False, grid_search=False, tgpl=False, adaptive_rounding=False)
+    cfg = LidarPTQConfig(sparse_calibration=False, bias_correction=False, grid_search=False, tgpl=False,
+                         adaptive_rounding=False)
     q = cfg.quant_config()
     assert q["input"]["observer"] == "minmax" and q["input"]["observer_kwargs"] == {"sparse": False}
     assert cfg.recon_config() is None
     assert cfg.recipe().quant_candidates == {} and cfg.recipe().select_loss is None
+    # bias correction alone still needs the task loss: it is undone when it raises it
+    cfg = LidarPTQConfig(grid_search=False, tgpl=False, adaptive_rounding=False)
+    assert cfg.recipe().bias_correction and isinstance(cfg.recipe().select_loss, TaskGuidedPositiveLoss)
     cfg = LidarPTQConfig(tgpl=True, adaptive_rounding=False)
     assert cfg.quant_config()["input"]["observer"] == "minmax"
     assert cfg.quant_config("lp4")["input"]["observer"] == "lp_search"
@@ -77,8 +81,9 @@ def test_full_pipeline_lowers_tgpl_loss_versus_max_min():
 
     results = {}
     for name, cfg in {
-        "max_min": LidarPTQConfig(w_bits=4, a_bits=4, sparse_calibration=False, grid_search=False, tgpl=False,
-                                  adaptive_rounding=False, calib_frames=8),
+        "max_min": LidarPTQConfig(w_bits=4, a_bits=4, sparse_calibration=False, equalize_inputs=False,
+                                  bias_correction=False, grid_search=False, tgpl=False, adaptive_rounding=False,
+                                  calib_frames=8),
         "lidar_ptq": LidarPTQConfig(w_bits=4, a_bits=4, recon={"iterations": 150, "progress": False},
                                     calib_frames=8),
     }.items():

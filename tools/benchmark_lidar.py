@@ -228,7 +228,9 @@ def main() -> int:
                 metrics = evaluate(model, loader, cfg.test_evaluator)
                 row = {"model": fp32_row["model"], "method": method, "w_bits": w, "a_bits": a, "metric": "mAP",
                        "value": metrics["det/mAP"], "fp32": fp32["det/mAP"], "seconds": outcome.seconds,
-                       "recipe": spec, "range_search": outcome.report.selection}
+                       "recipe": spec, "range_search": outcome.report.selection,
+                       "bias_correction": {**outcome.report.bias_correction_loss,
+                                           "kept": bool(outcome.report.bias_corrections)}}
             row["per_class"] = {c: metrics[f"det/AP_{c}"] for c in ("car", "pedestrian", "bicycle")}
             result["rows"].append(row)
             done.add(key)

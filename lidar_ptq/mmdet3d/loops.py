@@ -81,6 +81,8 @@ class PTQLoop(TestLoop):
         self.metrics = {"recipe": result.recipe.name, "recipe_spec": result.recipe.source,
                         "calib_frames": result.report.frames, "tgpl": result.tgpl,
                         "range_search": result.report.selection,
+                        "bias_correction": {**result.report.bias_correction_loss,
+                                            "layers": len(result.report.bias_corrections)},
                         "unquantized_layers": result.unquantized, "seconds": seconds, **results}
         if export is not None:
             self.metrics["export"] = {"dir": str(self.export_dir), "verification": export["verification"]}
