@@ -110,6 +110,14 @@ def ordered_rows(result: dict[str, Any], model: str) -> list[dict[str, Any]]:
     return sorted((r for r in result["rows"] if r["model"] == model), key=rank)
 
 
+def bias_correction_cell(row: dict[str, Any]) -> str:
+    """The guard's verdict for a LiDAR-PTQ row: task loss before/after bias correction and kept or undone."""
+    guard = row.get("bias_correction")
+    if not guard:
+        return "-"
+    return f"{guard['before']:.3f} -> {guard['after']:.3f}, {'kept' if guard['kept'] else 'undone'}"
+
+
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -122,17 +130,19 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
         train_s = json.loads(info.read_text()).get("train_wall_s") if info.is_file() else None
         lines += [f"## {model}", ""]
         if train_s:
-            lines += [f"Float training took {train_s / 60:.0f} min on this CPU (`{info.name}`); the last column is "
+            lines += [f"Float training took {train_s / 60:.0f} min on this CPU (`{info.name}`); the 'PTQ / training' column is "
                       "PTQ wall time as a fraction of it.", ""]
-        lines += ["| method | W/A | mAP | delta vs FP32 | car | pedestrian | bicycle | PTQ s | PTQ / training |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| method | W/A | mAP | delta vs FP32 | car | pedestrian | bicycle | PTQ s | PTQ / training "
+                  "| bias correction: TGPL before -> after |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ap = r.get("per_class", {})
             lines.append(f"| {r['method']} | {r['w_bits']}/{r['a_bits']} | {100 * r['value']:.2f} | "
                          f"{100 * (r['value'] - r['fp32']):+.2f} | "
                          + " | ".join(f"{100 * ap.get(c, float('nan')):.2f}" for c in ("car", "pedestrian", "bicycle"))
                          + f" | {r['seconds']:.0f} | "
-                         + (f"{r['seconds'] / train_s:.3f} |" if train_s and r["method"] != "fp32" else "- |"))
+                         + (f"{r['seconds'] / train_s:.3f} |" if train_s and r["method"] != "fp32" else "- |")
+                         + f" {bias_correction_cell(r)} |")
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     plot(result, out.parent)
