@@ -130,8 +130,8 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
         train_s = json.loads(info.read_text()).get("train_wall_s") if info.is_file() else None
         lines += [f"## {model}", ""]
         if train_s:
-            lines += [f"Float training took {train_s / 60:.0f} min on this CPU (`{info.name}`); the 'PTQ / training' column is "
-                      "PTQ wall time as a fraction of it.", ""]
+            lines += [f"Float training took {train_s / 60:.0f} min on this CPU (`{info.name}`); the "
+                      "'PTQ / training' column is PTQ wall time as a fraction of it.", ""]
         lines += ["| method | W/A | mAP | delta vs FP32 | car | pedestrian | bicycle | PTQ s | PTQ / training "
                   "| bias correction: TGPL before -> after |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
