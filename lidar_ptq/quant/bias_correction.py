@@ -22,15 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..batches import call_model
+from ..batches import StopForward, run_batches
 from .modules import QuantModuleMixin
 from .quantizer import QuantMode, temporary_quant_mode
 
 logger = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the layer being measured has run: the rest of the model is not needed."""
 
 
 def _output_features(output: Any) -> torch.Tensor | None:
@@ -71,7 +67,7 @@ class _ChannelMeans:
         if name not in self.order:
             self.order.append(name)
         if name == self.stop_after:
-            raise _StopForward
+            raise StopForward
 
     def means(self) -> dict[str, torch.Tensor]:
         return {name: total / max(self.counts[name], 1) for name, total in self.sums.items()}
@@ -86,11 +82,7 @@ def _measure(model: nn.Module, layers: dict[str, QuantModuleMixin], data: list[A
     stats = _ChannelMeans(layers, stop_after)
     try:
         with torch.no_grad(), temporary_quant_mode(model, mode):
-            for batch in data:
-                try:
-                    call_model(model, batch)
-                except _StopForward:
-                    pass
+            run_batches(model, data)
     finally:
         stats.close()
     return stats

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..batches import call_model
+from ..batches import run_batches
 from .modules import QuantModuleMixin
 from .quantizer import QuantMode, temporary_quant_mode
 
@@ -55,8 +55,7 @@ def input_channel_absmax(model: nn.Module, layers: dict[str, QuantModuleMixin], 
                for name, m in layers.items()]
     try:  # the statistics are of the float model (and uncalibrated quantizers cannot run)
         with temporary_quant_mode(model, QuantMode.FLOAT):
-            for batch in data:
-                call_model(model, batch)
+            run_batches(model, data)
     finally:
         for handle in handles:
             handle.remove()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batches import call_model
+from ..batches import StopForward, run_batches
 
 
 class TensorStore:
@@ -110,10 +110,6 @@ class TensorStore:
             pass
 
 
-class _StopForward(Exception):
-    pass
-
-
 @dataclass
 class Captured:
     """What a unit saw: its positional inputs and its output.
@@ -198,16 +194,12 @@ def capture(model: nn.Module, unit: nn.Module, data: Iterable[Any], *, want_inpu
             result.output.append(rows)
         result.batch_rows.append(rows.shape[0])
         if stop_early:
-            raise _StopForward
+            raise StopForward
 
     handle = unit.register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            for batch in data:
-                try:
-                    call_model(model, batch)
-                except _StopForward:
-                    pass
+            run_batches(model, data)
     finally:
         handle.remove()
     if not result.batch_rows:
