@@ -12,7 +12,8 @@ they finish (a killed run resumes); benchmarks/lidar.md and the PNG plots are re
 
     python tools/benchmark_lidar.py [--models pillar voxel] [--val-frames 200] [--calib-frames 32]
                                     [--iterations 100] [--output-loss-every 4] [--fresh]
-                                    [--rows METHOD ...] [--bits w8a4 ...]   (only these rows)
+                                    [--rows METHOD ...] [--bits w8a4 ...]   (only these rows; both
+                                    named: every pair, also ones the table leaves out)
     python tools/benchmark_lidar.py --merge pillar.json voxel.json   (jobs run in parallel with --out)
 Models come from tools/train.py (benchmarks/models/centerpoint_<model>_synthetic.pth).
 """
@@ -52,6 +53,19 @@ ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equal
                             "percentile+equalize+bias_correction", "brecq", "qdrop", "lidar_ptq", *ABLATION)] + \
        [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq")] + \
        [(m, 8, 4) for m in ("maxmin", "percentile", "lidar_ptq")]
+
+
+def selected_rows(methods: list[str] | None, bits: list[str] | None) -> list[tuple[str, int, int]]:
+    """The table's rows filtered by ``--rows``/``--bits``; naming both runs every pair asked for, also
+    pairs the table leaves out (e.g. an ablation row at W4A8)."""
+    rows = [r for r in ROWS if (not methods or r[0] in methods) and (not bits or f"w{r[1]}a{r[2]}" in bits)]
+    if methods and bits:
+        for method in methods:
+            for b in bits:
+                w, a = (int(v) for v in b.lower().removeprefix("w").split("a"))
+                if (method, w, a) not in rows:
+                    rows.append((method, w, a))
+    return rows
 
 
 def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -218,8 +232,7 @@ def main() -> int:
                     "metric": "mAP", "value": fp32["det/mAP"], "fp32": fp32["det/mAP"],
                     "seconds": time.perf_counter() - start}
         batches = collect_batches(model, build_calibration_loader(cfg, args.calib_frames, args.seed))
-        rows = [("fp32", 32, 32)] + [r for r in ROWS if (not args.rows or r[0] in args.rows)
-                                     and (not args.bits or f"w{r[1]}a{r[2]}" in args.bits)]
+        rows = [("fp32", 32, 32)] + selected_rows(args.rows, args.bits)
         for method, w, a in rows:
             key = (fp32_row["model"], method, w, a)
             if key in done:

@@ -28,6 +28,7 @@ class AdaRound(nn.Module):
         scaled = weight.detach() / scale
         self.register_buffer("floor", torch.floor(scaled))
         rest = (scaled - self.floor).clamp(1e-6, 1 - 1e-6)
+        self.register_buffer("initial_rest", rest, persistent=False)  # nearest rounding: rest >= 0.5
         self.alpha = nn.Parameter(-torch.log((zeta - gamma) / (rest - gamma) - 1))
         self.hard = False
 
