@@ -51,8 +51,12 @@ def test_stage_switches():
     assert isinstance(recipe.select_loss, TaskGuidedPositiveLoss)
     recon = cfg.recon_config()
     assert recon.rounding == "nearest" and recon.learn_act_scale and recon.output_loss is not None
-    recon = LidarPTQConfig(tgpl=False).recon_config()
+    # adaptive rounding: by default only below 8-bit weights; an explicit flag wins
+    assert LidarPTQConfig(tgpl=False).recon_config() is None
+    recon = LidarPTQConfig(w_bits=4, tgpl=False).recon_config()
     assert recon.rounding == "adaround" and recon.output_loss is None
+    assert LidarPTQConfig(tgpl=False, adaptive_rounding=True).recon_config().rounding == "adaround"
+    assert LidarPTQConfig(w_bits=4, tgpl=False, adaptive_rounding=False).recon_config() is None
 
 
 def test_task_guided_range_search_keeps_the_candidate_with_the_lowest_output_error():

@@ -47,7 +47,7 @@ ABLATION = {"ablation:maxmin": dict(equalize_inputs=False, bias_correction=False
             "ablation:+bias_correction": dict(grid_search=False, tgpl=False, adaptive_rounding=False),
             "ablation:+grid": dict(tgpl=False, adaptive_rounding=False),
             "ablation:+tgpl": dict(adaptive_rounding=False),
-            "ablation:+rounding": dict()}
+            "ablation:+rounding": dict(adaptive_rounding=True)}  # also at W8, where LiDAR-PTQ's default skips it
 EQUALIZE = ["*voxel_encoder*"]  # "<method>+equalize": a baseline with LiDAR-PTQ's input equalization
 ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize",
                             "percentile+equalize+bias_correction", "brecq", "qdrop", "lidar_ptq", *ABLATION)] + \
@@ -66,6 +66,21 @@ def selected_rows(methods: list[str] | None, bits: list[str] | None) -> list[tup
                 if (method, w, a) not in rows:
                     rows.append((method, w, a))
     return rows
+
+
+def same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two row recipes quantize the same way (LiDAR-PTQ stage flags resolved to their defaults)."""
+    from lidar_ptq.lidar.pipeline import LidarPTQConfig
+    if not a or not b or a.get("method") != b.get("method"):
+        return False
+    if a["method"] != "lidar_ptq":
+        return a == b
+    flags = ("equalize_inputs", "bias_correction", "grid_search", "tgpl", "adaptive_rounding")
+
+    def resolved(spec: dict[str, Any]) -> dict[str, Any]:
+        cfg = LidarPTQConfig(w_bits=spec["w_bits"], a_bits=spec["a_bits"], **{f: spec[f] for f in flags if f in spec})
+        return {**spec, **{f: getattr(cfg, f) for f in flags}, "adaptive_rounding": cfg.rounds_adaptively}
+    return resolved(a) == resolved(b)
 
 
 def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -237,16 +252,16 @@ def main() -> int:
             key = (fp32_row["model"], method, w, a)
             if key in done:
                 continue
-            same = [r for r in result["rows"] if r["model"] == fp32_row["model"] and r["method"] == "lidar_ptq"
-                    and (r["w_bits"], r["a_bits"]) == (w, a)]
+            spec = recipe_spec(method, w, a, args) if method != "fp32" else {}
+            same = [r for r in result["rows"] if r["model"] == fp32_row["model"] and r["method"] != method
+                    and (r["w_bits"], r["a_bits"]) == (w, a) and same_recipe(r.get("recipe", {}), spec)]
             if method == "fp32":
                 row, metrics = fp32_row, fp32
-            elif method == "ablation:+rounding" and same:  # every stage on: the lidar_ptq row itself
-                row = {**same[0], "method": method, "same_as": "lidar_ptq"}
+            elif same:  # an ablation row whose recipe is LiDAR-PTQ's default (or the reverse): not run twice
+                row = {**same[0], "method": method, "same_as": same[0]["method"]}
                 metrics = {f"det/AP_{c}": v for c, v in same[0]["per_class"].items()}
             else:
                 model = build_model(cfg, checkpoint)
-                spec = recipe_spec(method, w, a, args)
                 outcome = quantize_detector(model, batches, recipe_from_dict(spec))
                 metrics = evaluate(model, loader, cfg.test_evaluator)
                 row = {"model": fp32_row["model"], "method": method, "w_bits": w, "a_bits": a, "metric": "mAP",

@@ -457,7 +457,8 @@ def _warn_unconverged_rounding(units: list[UnitReport], limit: float = 0.1) -> N
     if open_units:
         worst = max(open_units, key=lambda u: u.rounding_undecided or 0.0)
         logger.warning("adaptive rounding had not converged in %d of %d unit(s) (worst %s: %.0f%% of weights "
-                       "still soft): the deployed rounding differs from the optimised one; raise iterations or lr_rounding",
+                       "still soft): the deployed rounding differs from the optimised one; raise iterations or "
+                       "lr_rounding",
                        len(open_units), len(units), worst.name, 100 * (worst.rounding_undecided or 0.0))
 
 
