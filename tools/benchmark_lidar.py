@@ -174,10 +174,11 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
                          + f" {bias_correction_cell(r)} |")
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
-    plot(result, out.parent)
+    plot(result, out.with_suffix(""))
 
 
-def plot(result: dict[str, Any], folder: Path) -> None:
+def plot(result: dict[str, Any], prefix: Path) -> None:
+    """One bar chart per model, saved as ``<prefix>_<model>.png`` (next to the JSON it comes from)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -192,7 +193,7 @@ def plot(result: dict[str, Any], folder: Path) -> None:
         ax.set_title(f"synthetic CenterPoint-{model}: PTQ methods")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(folder / f"lidar_{model}.png", dpi=110)
+        fig.savefig(f"{prefix}_{model}.png", dpi=110)
         plt.close(fig)
 
 
