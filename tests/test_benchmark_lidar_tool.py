@@ -1,0 +1,53 @@
+"""tools/benchmark_lidar.py bookkeeping: which rows run, which rows are the same run, merging parallel jobs."""
+import argparse
+import json
+
+import pytest
+from conftest import import_or_skip
+
+pytestmark = pytest.mark.mmdet3d
+import_or_skip("mmdet3d")
+from test_mmdet3d_ptq import load_tool  # noqa: E402
+
+bench = load_tool("benchmark_lidar")
+ARGS = argparse.Namespace(iterations=40, seed=0, output_loss_every=4, calib_frames=16)
+
+
+def test_rows_filtered_by_method_and_bits_and_explicit_pairs_outside_the_table():
+    assert bench.selected_rows(["lidar_ptq"], None) == [("lidar_ptq", 8, 8), ("lidar_ptq", 4, 8), ("lidar_ptq", 8, 4)]
+    assert bench.selected_rows(None, ["w4a8"]) == [("maxmin", 4, 8), ("qdrop", 4, 8), ("lidar_ptq", 4, 8)]
+    # both named: every pair, also ablation rows the table only has at W8A8
+    assert bench.selected_rows(["ablation:+tgpl"], ["w4a8"]) == [("ablation:+tgpl", 4, 8)]
+
+
+def test_same_recipe_resolves_lidar_ptq_defaults():
+    spec = lambda method, w: bench.recipe_spec(method, w, 8, ARGS)  # noqa: E731
+    # adaptive rounding is off by default at W8: LiDAR-PTQ is its +tgpl ablation there, +rounding at W4
+    assert bench.same_recipe(spec("lidar_ptq", 8), spec("ablation:+tgpl", 8))
+    assert not bench.same_recipe(spec("lidar_ptq", 8), spec("ablation:+rounding", 8))
+    assert bench.same_recipe(spec("lidar_ptq", 4), spec("ablation:+rounding", 4))
+    assert not bench.same_recipe(spec("lidar_ptq", 4), spec("ablation:+tgpl", 4))
+    assert not bench.same_recipe(spec("brecq", 8), spec("qdrop", 8))
+    assert not bench.same_recipe({}, spec("qdrop", 8))
+
+
+def test_merge_replaces_rerun_rows_and_refuses_other_settings(tmp_path):
+    meta = {"val_frames": 100, "calib_frames": 16, "iterations": 40, "machine": "a", "note": "n"}
+    row = lambda method, value: {"model": "m", "method": method, "w_bits": 8, "a_bits": 8, "value": value}  # noqa: E731
+    base = {"meta": meta, "rows": [row("maxmin", 0.5), row("lidar_ptq", 0.6)]}
+    rerun = tmp_path / "rerun.json"
+    rerun.write_text(json.dumps({"meta": {**meta, "machine": "b"}, "rows": [row("lidar_ptq", 0.7), row("qdrop", 0.4)]}))
+    merged = bench.merge_results(json.loads(json.dumps(base)), [rerun])
+    assert [(r["method"], r["value"]) for r in merged["rows"]] == [("maxmin", 0.5), ("lidar_ptq", 0.7), ("qdrop", 0.4)]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"meta": {**meta, "iterations": 200}, "rows": []}))
+    with pytest.raises(ValueError, match="iterations"):
+        bench.merge_results(base, [other])
+
+
+def test_bias_correction_cell_states_the_guards_verdict():
+    assert bench.bias_correction_cell({"method": "maxmin"}) == "-"
+    assert bench.bias_correction_cell({"bias_correction": {"before": 0.3, "after": 0.02, "kept": True}}) == \
+        "0.300 -> 0.020, kept"
+    assert bench.bias_correction_cell({"bias_correction": {"before": 0.1, "after": 0.2, "kept": False}}).endswith(
+        "undone")
