@@ -47,6 +47,7 @@ def test_merge_replaces_rerun_rows_and_refuses_other_settings(tmp_path):
 
 def test_bias_correction_cell_states_the_guards_verdict():
     assert bench.bias_correction_cell({"method": "maxmin"}) == "-"
+    assert bench.bias_correction_cell({"method": "brecq", "bias_correction": {"kept": False}}) == "-"
     assert bench.bias_correction_cell({"bias_correction": {"before": 0.3, "after": 0.02, "kept": True}}) == \
         "0.300 -> 0.020, kept"
     assert bench.bias_correction_cell({"bias_correction": {"before": 0.1, "after": 0.2, "kept": False}}).endswith(

@@ -141,8 +141,8 @@ def ordered_rows(result: dict[str, Any], model: str) -> list[dict[str, Any]]:
 
 def bias_correction_cell(row: dict[str, Any]) -> str:
     """The guard's verdict for a LiDAR-PTQ row: task loss before/after bias correction and kept or undone."""
-    guard = row.get("bias_correction")
-    if not guard:
+    guard = row.get("bias_correction") or {}
+    if "before" not in guard:  # no bias correction in this recipe
         return "-"
     return f"{guard['before']:.3f} -> {guard['after']:.3f}, {'kept' if guard['kept'] else 'undone'}"
 
