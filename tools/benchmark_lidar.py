@@ -32,6 +32,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
+from lidar_ptq.lidar.pipeline import LidarPTQConfig
 from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
 from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate
@@ -70,15 +71,15 @@ def selected_rows(methods: list[str] | None, bits: list[str] | None) -> list[tup
 
 def same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two row recipes quantize the same way (LiDAR-PTQ stage flags resolved to their defaults)."""
-    from lidar_ptq.lidar.pipeline import LidarPTQConfig
     if not a or not b or a.get("method") != b.get("method"):
         return False
     if a["method"] != "lidar_ptq":
         return a == b
-    flags = ("equalize_inputs", "bias_correction", "grid_search", "tgpl", "adaptive_rounding")
+    flags = ("equalize_inputs", "bias_correction", "grid_search", "tgpl")
 
     def resolved(spec: dict[str, Any]) -> dict[str, Any]:
-        cfg = LidarPTQConfig(w_bits=spec["w_bits"], a_bits=spec["a_bits"], **{f: spec[f] for f in flags if f in spec})
+        cfg = LidarPTQConfig(w_bits=spec["w_bits"], a_bits=spec["a_bits"],
+                             **{f: spec[f] for f in (*flags, "adaptive_rounding") if f in spec})
         return {**spec, **{f: getattr(cfg, f) for f in flags}, "adaptive_rounding": cfg.rounds_adaptively}
     return resolved(a) == resolved(b)
 

@@ -233,10 +233,13 @@ class _UnitOptimiser:
         soft = [r for r in self.roundings if isinstance(r, AdaRound)]
         if not soft:
             return None, None
+        total = undecided = flipped = 0
         with torch.no_grad():
-            total = sum(r.alpha.numel() for r in soft)
-            undecided = sum(int(((r.h() > 0.01) & (r.h() < 0.99)).sum()) for r in soft)
-            flipped = sum(int(((r.alpha >= 0) != (r.initial_rest >= 0.5)).sum()) for r in soft)
+            for r in soft:
+                h = r.h()
+                total += h.numel()
+                undecided += int(((h > 0.01) & (h < 0.99)).sum())
+                flipped += int(((r.alpha >= 0) != (r.initial_rest >= 0.5)).sum())
         return undecided / total, flipped / total
 
     def finish(self) -> None:
