@@ -359,6 +359,18 @@ def test_quantizers_reading_one_tensor_share_the_learned_step(tied):
         assert report.tied_quantizers == [] and not torch.equal(left.scale, right.scale)
 
 
+def test_a_reused_tensor_id_does_not_drop_an_earlier_group(monkeypatch):
+    """CPython reuses a freed tensor's id; the group of the tensor that had it first must survive (it did
+    not, so which quantizers were tied depended on the allocator). Every id is made equal to force it."""
+    from lidar_ptq.quant import tying
+    model = lidar_ptq.quantize(nn.Sequential(FanOut(), nn.Conv2d(8, 4, 1)).eval(),
+                               {"weight": {"bits": 8}, "input": {"bits": 8}})
+    lidar_ptq.calibrate(model, [torch.randn(2, 3, 8, 8)])
+    monkeypatch.setattr(tying, "id", lambda obj: 0, raising=False)
+    groups = tying.shared_input_groups(model, lambda: model(torch.randn(2, 3, 8, 8)))  # the tail reads last
+    assert groups == [[model[0].left.input_quantizer, model[0].right.input_quantizer]]
+
+
 def test_rounding_convergence_is_reported_and_short_budgets_warn(caplog):
     """AdaRound optimises soft weights: the report says how many are still soft when a unit ends."""
     def run(iterations, lr):

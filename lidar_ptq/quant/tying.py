@@ -23,7 +23,11 @@ def shared_input_groups(model: nn.Module, run: Callable[[], Any]) -> list[list[F
     """Per-tensor quantizers of ``model`` that read one tensor object during ``run()`` (one forward pass),
     grouped in the order they first read it; groups of one are left out. Readers with different specs
     (bits, signedness) are not grouped: they could not share a Q node anyway."""
-    readers: dict[int, tuple[weakref.ref, list[FakeQuantizer]]] = {}
+    # Every tensor read gets its own entry, kept to the end: a tensor freed mid-forward can give its id to a
+    # later one, and overwriting the first tensor's entry would drop its readers' group (which then depended
+    # on the allocator, so runs of the same recipe tied different quantizers).
+    entries: list[tuple[weakref.ref, list[FakeQuantizer]]] = []
+    live: dict[int, int] = {}  # id of a tensor -> its entry in ``entries``
     candidates = [q for q in model.modules() if isinstance(q, FakeQuantizer) and q.enabled
                   and q.channel_axis is None]
 
@@ -31,11 +35,12 @@ def shared_input_groups(model: nn.Module, run: Callable[[], Any]) -> list[list[F
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor):
             return
-        entry = readers.get(id(x))
-        if entry is None or entry[0]() is not x:  # a new tensor (an id can be reused after a free)
-            readers[id(x)] = (weakref.ref(x), [quantizer])
-        elif quantizer not in entry[1]:
-            entry[1].append(quantizer)
+        index = live.get(id(x))
+        if index is None or entries[index][0]() is not x:  # a new tensor (an id can be reused after a free)
+            live[id(x)] = len(entries)
+            entries.append((weakref.ref(x), [quantizer]))
+        elif quantizer not in entries[index][1]:
+            entries[index][1].append(quantizer)
 
     handles = [q.register_forward_pre_hook(record) for q in candidates]
     try:
@@ -45,7 +50,7 @@ def shared_input_groups(model: nn.Module, run: Callable[[], Any]) -> list[list[F
         for handle in handles:
             handle.remove()
     groups = []
-    for _, readers_of_tensor in readers.values():
+    for _, readers_of_tensor in entries:
         by_spec: dict[Any, list[FakeQuantizer]] = {}
         for q in readers_of_tensor:
             by_spec.setdefault(repr(q.spec), []).append(q)
