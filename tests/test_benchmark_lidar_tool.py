@@ -52,3 +52,23 @@ def test_bias_correction_cell_states_the_guards_verdict():
         "0.300 -> 0.020, kept"
     assert bench.bias_correction_cell({"bias_correction": {"before": 0.1, "after": 0.2, "kept": False}}).endswith(
         "undone")
+
+
+def test_seed_runs_are_kept_apart_and_summarised_as_mean_and_spread(tmp_path):
+    row = lambda method, value, seed=None: {"model": "m", "method": method, "w_bits": 8, "a_bits": 8, "value": value,  # noqa: E731
+                                            "fp32": 0.75, "seconds": 10.0, **({} if seed is None else {"seed": seed})}
+    # a row without a seed ran with the file's meta.seed: merging seed 1 keeps it, a seed-0 rerun replaces it
+    base = {"meta": {"seed": 0, "iterations": 40}, "rows": [row("lidar_ptq", 0.70)]}
+    rerun = tmp_path / "rerun.json"
+    rerun.write_text(json.dumps({"meta": {"seed": 0, "iterations": 40},
+                                 "rows": [row("lidar_ptq", 0.74, seed=1), row("lidar_ptq", 0.72, seed=0)]}))
+    merged = bench.merge_results(base, [rerun])
+    assert sorted((r.get("seed", 0), r["value"]) for r in merged["rows"]) == [(0, 0.72), (1, 0.74)]
+    rows = [row("fp32", 0.75), row("lidar_ptq", 0.72, 0), row("maxmin", 0.60, 0), row("lidar_ptq", 0.74, 1)]
+    groups = bench.seed_groups(rows)
+    assert [[r["method"] for r in g] for g in groups] == [["fp32"], ["lidar_ptq", "lidar_ptq"], ["maxmin"]]
+    mean, std = bench.spread(groups[1])
+    assert mean == pytest.approx(0.73) and std == pytest.approx(0.0141421, rel=1e-4)
+    table = bench.seed_table(rows, [0, 1])
+    assert table[3] == "| lidar_ptq | 8/8 | 72.00 | 74.00 | 73.00 +- 1.41 (2) | -2.00 | 10 |"
+    assert table[4].startswith("| maxmin | 8/8 | 60.00 | - | 60.00 +- 0.00 (1) |")

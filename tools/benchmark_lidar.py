@@ -15,6 +15,9 @@ they finish (a killed run resumes); benchmarks/lidar.md and the PNG plots are re
                                     [--rows METHOD ...] [--bits w8a4 ...]   (only these rows; both
                                     named: every pair, also ones the table leaves out)
     python tools/benchmark_lidar.py --merge pillar.json voxel.json   (jobs run in parallel with --out)
+    python tools/benchmark_lidar.py --seeds 0 1 2 --out benchmarks/lidar_seeds.json   (each row once per
+                                    seed: other calibration frames and reconstruction order; the report
+                                    gives every seed's mAP and their mean +- std, i.e. the noise floor)
 Models come from tools/train.py (benchmarks/models/centerpoint_<model>_synthetic.pth).
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import json
 import logging
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -84,8 +88,8 @@ def same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return resolved(a) == resolved(b)
 
 
-def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace) -> dict[str, Any]:
-    recon = {"iterations": args.iterations, "batch_size": 4, "seed": args.seed}
+def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace, seed: int | None = None) -> dict[str, Any]:
+    recon = {"iterations": args.iterations, "batch_size": 4, "seed": args.seed if seed is None else seed}
     if method in ("lidar_ptq", *ABLATION):
         spec = {"method": "lidar_ptq", "w_bits": w, "a_bits": a, **ABLATION.get(method, {})}
         recon["output_loss_every"] = args.output_loss_every
@@ -104,9 +108,15 @@ def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace) -> dict[s
     return spec
 
 
+def row_key(row: dict[str, Any], default_seed: int) -> tuple[str, str, int, int, int]:
+    """What identifies a run: model, method, bits and seed (rows written before seeds were recorded ran
+    with the file's ``meta.seed``)."""
+    return row["model"], row["method"], row["w_bits"], row["a_bits"], row.get("seed", default_seed)
+
+
 def merge_results(result: dict[str, Any], files: list[Path]) -> dict[str, Any]:
-    """``result`` with the rows of ``files`` in place of the rows they rerun (same model, method, bits)."""
-    key = lambda r: (r["model"], r["method"], r["w_bits"], r["a_bits"])  # noqa: E731
+    """``result`` with the rows of ``files`` in place of the rows they rerun (same model, method, bits, seed)."""
+    key = lambda r: row_key(r, result["meta"].get("seed", 0))  # noqa: E731
     settings = [k for k in result["meta"] if k not in ("machine", "note")]
     for path in files:
         other = json.loads(path.read_text())
@@ -140,6 +150,35 @@ def ordered_rows(result: dict[str, Any], model: str) -> list[dict[str, Any]]:
     return sorted((r for r in result["rows"] if r["model"] == model), key=rank)
 
 
+def seed_groups(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows of one model grouped by method and bits, one entry per seed, groups in the order given."""
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["w_bits"], row["a_bits"]), []).append(row)
+    return list(groups.values())
+
+
+def spread(group: list[dict[str, Any]]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one run) of a group's mAP."""
+    values = [r["value"] for r in group]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def seed_table(rows: list[dict[str, Any]], seeds: list[int]) -> list[str]:
+    """Markdown rows: each seed's mAP, their mean +- std and the mean's distance to FP32."""
+    lines = ["| method | W/A | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std (runs) "
+             "| mean delta vs FP32 | PTQ s (mean) |", "|---|---|" + "---|" * (len(seeds) + 3)]
+    for group in seed_groups(rows):
+        by_seed = {r.get("seed", seeds[0]): r["value"] for r in group}
+        mean, std = spread(group)
+        first = group[0]
+        lines.append(f"| {first['method']} | {first['w_bits']}/{first['a_bits']} | "
+                     + " | ".join(f"{100 * by_seed[s]:.2f}" if s in by_seed else "-" for s in seeds)
+                     + f" | {100 * mean:.2f} +- {100 * std:.2f} ({len(group)}) | {100 * (mean - first['fp32']):+.2f} "
+                     f"| {statistics.fmean(r['seconds'] for r in group):.0f} |")
+    return lines
+
+
 def bias_correction_cell(row: dict[str, Any]) -> str:
     """The guard's verdict for a LiDAR-PTQ row: task loss before/after bias correction and kept or undone."""
     guard = row.get("bias_correction") or {}
@@ -159,6 +198,9 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
         info = ROOT / "benchmarks" / "models" / f"{model}.json"
         train_s = json.loads(info.read_text()).get("train_wall_s") if info.is_file() else None
         lines += [f"## {model}", ""]
+        if result["meta"].get("seeds"):
+            lines += seed_table(rows, result["meta"]["seeds"]) + [""]
+            continue
         if train_s:
             lines += [f"Float training took {train_s / 60:.0f} min on this CPU (`{info.name}`); the "
                       "'PTQ / training' column is PTQ wall time as a fraction of it.", ""]
@@ -184,12 +226,14 @@ def plot(result: dict[str, Any], prefix: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     for model in sorted({r["model"] for r in result["rows"]}):
-        rows = ordered_rows(result, model)
+        groups = seed_groups(ordered_rows(result, model))
+        stats = [spread(g) for g in groups]
         fig, ax = plt.subplots(figsize=(10, 4))
-        labels = [f"{r['method']}\nW{r['w_bits']}A{r['a_bits']}" for r in rows]
-        ax.bar(range(len(rows)), [100 * r["value"] for r in rows], color="tab:blue")
-        ax.axhline(100 * rows[0]["fp32"], color="k", ls="--", label="FP32")
-        ax.set_xticks(range(len(rows)), labels, rotation=60, fontsize=7)
+        labels = [f"{g[0]['method']}\nW{g[0]['w_bits']}A{g[0]['a_bits']}" for g in groups]
+        ax.bar(range(len(groups)), [100 * m for m, _ in stats], yerr=[100 * sd for _, sd in stats],
+               color="tab:blue", capsize=3)
+        ax.axhline(100 * groups[0][0]["fp32"], color="k", ls="--", label="FP32")
+        ax.set_xticks(range(len(groups)), labels, rotation=60, fontsize=7)
         ax.set_ylabel("mAP")
         ax.set_title(f"synthetic CenterPoint-{model}: PTQ methods")
         ax.legend()
@@ -208,6 +252,9 @@ def main() -> int:
     parser.add_argument("--rows", nargs="*", help="only these methods (e.g. lidar_ptq maxmin)")
     parser.add_argument("--bits", nargs="*", help="only these precisions (e.g. w8a4 w4a8)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="run every row once per seed (calibration frames, reconstruction order); "
+                             "the report gives each seed's mAP and mean +- std")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "lidar.json")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown/plots from the JSON")
@@ -224,59 +271,69 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     init_default_scope("mmdet3d")
     meta = {"val_frames": args.val_frames, "calib_frames": args.calib_frames, "iterations": args.iterations,
-            "output_loss_every": args.output_loss_every, "seed": args.seed, "torch": torch.__version__,
+            "output_loss_every": args.output_loss_every, "seed": (args.seeds or [args.seed])[0],
+            "torch": torch.__version__,
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "note": (f"Synthetic LiDAR val set, first {args.val_frames} frames; {args.calib_frames} calibration "
                      f"frames from the training set; reconstruction {args.iterations} iterations per unit "
                      f"(TGPL step every {args.output_loss_every}). mAP: nuScenes-style, centre distance "
                      "0.5/1/2/4 m, nuscenes-devkit matching.")}
+    if args.seeds:
+        meta["seeds"] = args.seeds
+        meta["note"] += f" Every row once per seed ({', '.join(map(str, args.seeds))}): its calibration frames and " \
+                        "reconstruction order."
     result = {"meta": meta, "rows": []}
     if args.out.is_file() and not args.fresh:
         previous = json.loads(args.out.read_text())
         same = [k for k in meta if k not in ("machine", "note")]
         if all(previous["meta"].get(k) == meta[k] for k in same):
             result = previous
-    done = {(r["model"], r["method"], r["w_bits"], r["a_bits"]) for r in result["rows"]}
+    default_seed = meta["seed"]
+    done = {row_key(r, default_seed) for r in result["rows"]}
     for name in args.models:
         cfg = Config.fromfile(str(CONFIGS[name]))
         ensure_synthetic_data(cfg)
         checkpoint = ROOT / "benchmarks" / "models" / f"centerpoint_{name}_synthetic.pth"
         loader = build_test_loader(cfg, args.val_frames)
-        model = build_model(cfg, checkpoint)
+        float_model = build_model(cfg, checkpoint)
         start = time.perf_counter()
-        fp32 = evaluate(model, loader, cfg.test_evaluator)
+        fp32 = evaluate(float_model, loader, cfg.test_evaluator)
         fp32_row = {"model": f"centerpoint_{name}_synthetic", "method": "fp32", "w_bits": 32, "a_bits": 32,
                     "metric": "mAP", "value": fp32["det/mAP"], "fp32": fp32["det/mAP"],
                     "seconds": time.perf_counter() - start}
-        batches = collect_batches(model, build_calibration_loader(cfg, args.calib_frames, args.seed))
-        rows = [("fp32", 32, 32)] + selected_rows(args.rows, args.bits)
-        for method, w, a in rows:
-            key = (fp32_row["model"], method, w, a)
-            if key in done:
-                continue
-            spec = recipe_spec(method, w, a, args) if method != "fp32" else {}
-            same = [r for r in result["rows"] if r["model"] == fp32_row["model"] and r["method"] != method
-                    and (r["w_bits"], r["a_bits"]) == (w, a) and same_recipe(r.get("recipe", {}), spec)]
-            if method == "fp32":
-                row, metrics = fp32_row, fp32
-            elif same:  # an ablation row whose recipe is LiDAR-PTQ's default (or the reverse): not run twice
-                row = {**same[0], "method": method, "same_as": same[0]["method"]}
-                metrics = {f"det/AP_{c}": v for c, v in same[0]["per_class"].items()}
-            else:
-                model = build_model(cfg, checkpoint)
-                outcome = quantize_detector(model, batches, recipe_from_dict(spec))
-                metrics = evaluate(model, loader, cfg.test_evaluator)
-                row = {"model": fp32_row["model"], "method": method, "w_bits": w, "a_bits": a, "metric": "mAP",
-                       "value": metrics["det/mAP"], "fp32": fp32["det/mAP"], "seconds": outcome.seconds,
-                       "recipe": spec, "range_search": outcome.report.selection,
-                       "bias_correction": {**outcome.report.bias_correction_loss,
-                                           "kept": bool(outcome.report.bias_corrections)}}
-            row["per_class"] = {c: metrics[f"det/AP_{c}"] for c in ("car", "pedestrian", "bicycle")}
-            result["rows"].append(row)
-            done.add(key)
-            write_outputs(result, args.out)
-            print(f"{row['model']} {method} W{w}A{a}: mAP {100 * row['value']:.2f} (fp32 "
-                  f"{100 * row['fp32']:.2f}) in {row['seconds']:.0f} s", flush=True)
+        for seed in args.seeds or [args.seed]:
+            batches = None  # collected on first use: a resumed run may have nothing left for this seed
+            rows = ([("fp32", 32, 32)] if seed == default_seed else []) + selected_rows(args.rows, args.bits)
+            for method, w, a in rows:
+                key = (fp32_row["model"], method, w, a, seed)
+                if key in done:
+                    continue
+                spec = recipe_spec(method, w, a, args, seed) if method != "fp32" else {}
+                same = [r for r in result["rows"] if r["model"] == fp32_row["model"] and r["method"] != method
+                        and (r["w_bits"], r["a_bits"]) == (w, a) and r.get("seed", default_seed) == seed
+                        and same_recipe(r.get("recipe", {}), spec)]
+                if method == "fp32":
+                    row, metrics = fp32_row, fp32
+                elif same:  # an ablation row whose recipe is LiDAR-PTQ's default (or the reverse): not run twice
+                    row = {**same[0], "method": method, "same_as": same[0]["method"]}
+                    metrics = {f"det/AP_{c}": v for c, v in same[0]["per_class"].items()}
+                else:
+                    if batches is None:
+                        batches = collect_batches(float_model, build_calibration_loader(cfg, args.calib_frames, seed))
+                    model = build_model(cfg, checkpoint)
+                    outcome = quantize_detector(model, batches, recipe_from_dict(spec))
+                    metrics = evaluate(model, loader, cfg.test_evaluator)
+                    row = {"model": fp32_row["model"], "method": method, "w_bits": w, "a_bits": a, "seed": seed,
+                           "metric": "mAP", "value": metrics["det/mAP"], "fp32": fp32["det/mAP"],
+                           "seconds": outcome.seconds, "recipe": spec, "range_search": outcome.report.selection,
+                           "bias_correction": {**outcome.report.bias_correction_loss,
+                                               "kept": bool(outcome.report.bias_corrections)}}
+                row["per_class"] = {c: metrics[f"det/AP_{c}"] for c in ("car", "pedestrian", "bicycle")}
+                result["rows"].append(row)
+                done.add(key)
+                write_outputs(result, args.out)
+                print(f"{row['model']} {method} W{w}A{a} seed {seed}: mAP {100 * row['value']:.2f} (fp32 "
+                      f"{100 * row['fp32']:.2f}) in {row['seconds']:.0f} s", flush=True)
     return 0
 
 
