@@ -454,14 +454,23 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
     return report
 
 
-def _warn_unconverged_rounding(units: list[UnitReport], limit: float = 0.1) -> None:
-    """AdaRound optimises soft weights; if many are still soft at the end, the hard rounding is a guess."""
+# Warn above this share of still-soft AdaRound weights. Measured on the W4A8 toy model (tests): the published
+# lr 1e-3 at 200 steps leaves over 80% soft and is worse than nearest rounding, while the default scaled lr
+# leaves 17-34% soft and gives the best output SQNR of every lr tried (200 steps, lr x steps = 2/5/10/20:
+# 24.2/21.8/22.9/23.3 dB, the last with every weight decided); on the digits ResNet/ViT at 1000 steps the
+# default leaves 18-50% soft in the worst unit. A share in between is normal, not a failure.
+UNDECIDED_WARN_SHARE = 0.6
+
+
+def _warn_unconverged_rounding(units: list[UnitReport], limit: float = UNDECIDED_WARN_SHARE) -> None:
+    """AdaRound optimises soft weights; if most are still soft at the end, it optimised ~float weights and
+    the deployed hard rounding is one it never saw (the published lr at a short budget)."""
     open_units = [u for u in units if u.rounding_undecided is not None and u.rounding_undecided > limit]
     if open_units:
         worst = max(open_units, key=lambda u: u.rounding_undecided or 0.0)
-        logger.warning("adaptive rounding had not converged in %d of %d unit(s) (worst %s: %.0f%% of weights "
-                       "still soft): the deployed rounding differs from the optimised one; raise iterations or "
-                       "lr_rounding",
+        logger.warning("adaptive rounding barely moved in %d of %d unit(s) (worst %s: %.0f%% of weights "
+                       "still soft): it optimised nearly float weights, not the deployed rounding; raise "
+                       "iterations or lr_rounding (None scales it to the budget)",
                        len(open_units), len(units), worst.name, 100 * (worst.rounding_undecided or 0.0))
 
 
