@@ -45,13 +45,11 @@ def test_merge_replaces_rerun_rows_and_refuses_other_settings(tmp_path):
         bench.merge_results(base, [other])
 
 
-def test_bias_correction_cell_states_the_guards_verdict():
-    assert bench.bias_correction_cell({"method": "maxmin"}) == "-"
-    assert bench.bias_correction_cell({"method": "brecq", "bias_correction": {"kept": False}}) == "-"
-    assert bench.bias_correction_cell({"bias_correction": {"before": 0.3, "after": 0.02, "kept": True}}) == \
-        "0.300 -> 0.020, kept"
-    assert bench.bias_correction_cell({"bias_correction": {"before": 0.1, "after": 0.2, "kept": False}}).endswith(
-        "undone")
+def test_guard_cell_states_the_guards_verdict():
+    assert bench.guard_cell(None) == "-"
+    assert bench.guard_cell({"kept": False}) == "-"
+    assert bench.guard_cell({"before": 0.3, "after": 0.02, "kept": True}) == "0.300 -> 0.020, kept"
+    assert bench.guard_cell({"before": 0.1, "after": 0.2, "kept": False}).endswith("undone")
 
 
 def test_seed_runs_are_kept_apart_and_summarised_as_mean_and_spread(tmp_path):

@@ -106,3 +106,38 @@ def test_calibration_frames_are_counted_and_too_few_is_a_clear_error():
     assert len(take_frames(iter(data), 3)) == 2  # stops once enough frames are in
     with pytest.raises(ValueError, match="holds 8 frames but calib_frames=256"):
         run_lidar_ptq(TinyBEVDetector(), data, LidarPTQConfig())
+
+
+@pytest.mark.parametrize("sabotage", [False, True])
+def test_reconstruction_is_undone_when_it_raises_the_task_loss(monkeypatch, sabotage):
+    """Like bias correction, reconstruction is kept only if it lowers TGPL on the calibration frames; when
+    undone, the model is exactly the calibrated one (no learned rounding left attached)."""
+    from lidar_ptq.lidar import pipeline
+    from lidar_ptq.quant.quantizer import FakeQuantizer
+    torch.manual_seed(0)
+    float_model = TinyBEVDetector().eval()
+    data = [sparse_bev(s) for s in range(4)]
+    stages = dict(w_bits=4, a_bits=4, equalize_inputs=False, bias_correction=False, grid_search=False,
+                  calib_frames=8)
+    calibrated = copy.deepcopy(float_model)
+    run_lidar_ptq(calibrated, data, LidarPTQConfig(**stages, tgpl=False, adaptive_rounding=False))
+    real = pipeline.reconstruct
+
+    def reconstruct(model, batches, cfg):
+        report = real(model, batches, cfg)
+        if sabotage:  # activation steps 8x too coarse: the task loss must rise
+            for q in model.modules():
+                if isinstance(q, FakeQuantizer) and q.channel_axis is None and q.scale.numel():
+                    q.scale.mul_(8)
+        return report
+    monkeypatch.setattr(pipeline, "reconstruct", reconstruct)
+    model = copy.deepcopy(float_model)
+    report = run_lidar_ptq(model, data, LidarPTQConfig(**stages, recon={"iterations": 60, "progress": False}))
+    assert report.reconstruction is not None and set(report.recon_loss) == {"before", "after"}
+    assert report.recon_kept == (report.recon_loss["after"] <= report.recon_loss["before"]) == (not sabotage)
+    state, reference = model.state_dict(), calibrated.state_dict()
+    if sabotage:
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k], reference[k]) for k in state)
+    else:
+        assert any(not torch.equal(state[k], reference[k]) for k in reference)

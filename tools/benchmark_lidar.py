@@ -179,10 +179,10 @@ def seed_table(rows: list[dict[str, Any]], seeds: list[int]) -> list[str]:
     return lines
 
 
-def bias_correction_cell(row: dict[str, Any]) -> str:
-    """The guard's verdict for a LiDAR-PTQ row: task loss before/after bias correction and kept or undone."""
-    guard = row.get("bias_correction") or {}
-    if "before" not in guard:  # no bias correction in this recipe
+def guard_cell(guard: dict[str, Any] | None) -> str:
+    """A guarded LiDAR-PTQ stage's verdict: task loss before/after it and kept or undone ("-": not run)."""
+    guard = guard or {}
+    if "before" not in guard:
         return "-"
     return f"{guard['before']:.3f} -> {guard['after']:.3f}, {'kept' if guard['kept'] else 'undone'}"
 
@@ -205,8 +205,8 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
             lines += [f"Float training took {train_s / 60:.0f} min on this CPU (`{info.name}`); the "
                       "'PTQ / training' column is PTQ wall time as a fraction of it.", ""]
         lines += ["| method | W/A | mAP | delta vs FP32 | car | pedestrian | bicycle | PTQ s | PTQ / training "
-                  "| bias correction: TGPL before -> after |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| bias correction: TGPL before -> after | reconstruction: TGPL before -> after |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ap = r.get("per_class", {})
             lines.append(f"| {r['method']} | {r['w_bits']}/{r['a_bits']} | {100 * r['value']:.2f} | "
@@ -214,7 +214,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
                          + " | ".join(f"{100 * ap.get(c, float('nan')):.2f}" for c in ("car", "pedestrian", "bicycle"))
                          + f" | {r['seconds']:.0f} | "
                          + (f"{r['seconds'] / train_s:.3f} |" if train_s and r["method"] != "fp32" else "- |")
-                         + f" {bias_correction_cell(r)} |")
+                         + f" {guard_cell(r.get('bias_correction'))} | {guard_cell(r.get('reconstruction'))} |")
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     plot(result, out.with_suffix(""))
@@ -327,7 +327,8 @@ def main() -> int:
                            "metric": "mAP", "value": metrics["det/mAP"], "fp32": fp32["det/mAP"],
                            "seconds": outcome.seconds, "recipe": spec, "range_search": outcome.report.selection,
                            "bias_correction": {**outcome.report.bias_correction_loss,
-                                               "kept": bool(outcome.report.bias_corrections)}}
+                                               "kept": bool(outcome.report.bias_corrections)},
+                           "reconstruction": {**outcome.report.recon_loss, "kept": outcome.report.recon_kept}}
                 row["per_class"] = {c: metrics[f"det/AP_{c}"] for c in ("car", "pedestrian", "bicycle")}
                 result["rows"].append(row)
                 done.add(key)

@@ -83,6 +83,7 @@ class PTQLoop(TestLoop):
                         "range_search": result.report.selection,
                         "bias_correction": {**result.report.bias_correction_loss,
                                             "layers": len(result.report.bias_corrections)},
+                        "reconstruction": {**result.report.recon_loss, "kept": result.report.recon_kept},
                         "unquantized_layers": result.unquantized, "seconds": seconds, **results}
         if export is not None:
             self.metrics["export"] = {"dir": str(self.export_dir), "verification": export["verification"]}
