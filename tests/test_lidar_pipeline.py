@@ -141,3 +141,27 @@ def test_reconstruction_is_undone_when_it_raises_the_task_loss(monkeypatch, sabo
         assert all(torch.equal(state[k], reference[k]) for k in state)
     else:
         assert any(not torch.equal(state[k], reference[k]) for k in reference)
+
+
+def test_reconstruction_sees_the_untouched_float_model():
+    """Reconstruction matches FLOAT-mode outputs; a bias correction made before it would shift that reference."""
+    from lidar_ptq.lidar import pipeline
+    from lidar_ptq.quant.quantizer import QuantMode, temporary_quant_mode
+    torch.manual_seed(0)
+    float_model = TinyBEVDetector().eval()
+    data = [sparse_bev(s) for s in range(4)]
+    seen = []
+
+    def reconstruct(model, batches, cfg):
+        with torch.no_grad(), temporary_quant_mode(model, QuantMode.FLOAT):
+            seen.append(model(data[0]))
+    model = copy.deepcopy(float_model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "reconstruct", reconstruct)
+        report = run_lidar_ptq(model, data, LidarPTQConfig(w_bits=4, a_bits=4, grid_search=False,
+                                                           recon={"iterations": 5, "progress": False},
+                                                           calib_frames=8))
+    assert report.bias_correction_loss  # bias correction ran (after reconstruction)
+    with torch.no_grad():
+        reference = float_model(data[0])
+    assert all(torch.equal(a, b) for a, b in zip(reference[0].values(), seen[0][0].values()))
