@@ -62,6 +62,12 @@ def test_seed_runs_are_kept_apart_and_summarised_as_mean_and_spread(tmp_path):
                                  "rows": [row("lidar_ptq", 0.74, seed=1), row("lidar_ptq", 0.72, seed=0)]}))
     merged = bench.merge_results(base, [rerun])
     assert sorted((r.get("seed", 0), r["value"]) for r in merged["rows"]) == [(0, 0.72), (1, 0.74)]
+    # a file run with another --seed merges too: its seed-less rows are stamped with it, its FP32 row is a repeat
+    other_seed = tmp_path / "seed2.json"
+    other_seed.write_text(json.dumps({"meta": {"seed": 2, "iterations": 40},
+                                      "rows": [row("fp32", 0.75), row("lidar_ptq", 0.71)]}))
+    merged = bench.merge_results({"meta": {"seed": 0, "iterations": 40}, "rows": [row("fp32", 0.75)]}, [other_seed])
+    assert [(r["method"], r.get("seed")) for r in merged["rows"]] == [("fp32", None), ("lidar_ptq", 2)]
     rows = [row("fp32", 0.75), row("lidar_ptq", 0.72, 0), row("maxmin", 0.60, 0), row("lidar_ptq", 0.74, 1)]
     groups = bench.seed_groups(rows)
     assert [[r["method"] for r in g] for g in groups] == [["fp32"], ["lidar_ptq", "lidar_ptq"], ["maxmin"]]

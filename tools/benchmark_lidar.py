@@ -4,7 +4,8 @@ Rows (W8A8): maxmin, entropy, percentile, percentile+equalize(+bias_correction),
 the LiDAR-PTQ ablation (ablation:maxmin = sparse max-min ranges, +equalize = input-channel equalization of the
 pillar encoder, +bias_correction = empirical bias correction (both not in the paper), +grid = task-guided
 search of the clipping range,
-+tgpl = TGPL-driven activation steps, +rounding = adaptive rounding, i.e. full LiDAR-PTQ);
++tgpl = TGPL-driven activation steps, +rounding = adaptive rounding, i.e. full LiDAR-PTQ;
+ablation:dense = full LiDAR-PTQ with ranges over every site instead of the non-empty ones);
 W4A8: maxmin, qdrop, lidar_ptq; W8A4 (a stress test beyond the paper's settings, where even the robust
 voxel model separates the methods): maxmin, percentile, lidar_ptq. Every method sees the same
 calibration frames and the same reconstruction budget. Rows are appended to benchmarks/lidar.json as
@@ -52,7 +53,8 @@ ABLATION = {"ablation:maxmin": dict(equalize_inputs=False, bias_correction=False
             "ablation:+bias_correction": dict(grid_search=False, tgpl=False, adaptive_rounding=False),
             "ablation:+grid": dict(tgpl=False, adaptive_rounding=False),
             "ablation:+tgpl": dict(adaptive_rounding=False),
-            "ablation:+rounding": dict(adaptive_rounding=True)}  # also at W8, where LiDAR-PTQ's default skips it
+            "ablation:+rounding": dict(adaptive_rounding=True),  # also at W8, where LiDAR-PTQ's default skips it
+            "ablation:dense": dict(sparse_calibration=False)}  # LiDAR-PTQ with ranges over every site, empty too
 EQUALIZE = ["*voxel_encoder*"]  # "<method>+equalize": a baseline with LiDAR-PTQ's input equalization
 ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize",
                             "percentile+equalize+bias_correction", "brecq", "qdrop", "lidar_ptq", *ABLATION)] + \
@@ -115,17 +117,27 @@ def row_key(row: dict[str, Any], default_seed: int) -> tuple[str, str, int, int,
 
 
 def merge_results(result: dict[str, Any], files: list[Path]) -> dict[str, Any]:
-    """``result`` with the rows of ``files`` in place of the rows they rerun (same model, method, bits, seed)."""
+    """``result`` with the rows of ``files`` in place of the rows they rerun (same model, method, bits, seed).
+
+    Files must share the settings (frames, iterations, ...); the seed may differ, since every merged row is
+    stamped with the seed it ran with. FP32 does not depend on the seed: a model's first FP32 row stays."""
     key = lambda r: row_key(r, result["meta"].get("seed", 0))  # noqa: E731
-    settings = [k for k in result["meta"] if k not in ("machine", "note")]
+    settings = [k for k in result["meta"] if k not in ("machine", "note", "seed", "seeds")]
     for path in files:
         other = json.loads(path.read_text())
         differ = [k for k in settings if other["meta"].get(k) != result["meta"][k]]
         if differ:
             raise ValueError(f"{path} ran with other settings ({', '.join(differ)}); rerun it with the same "
-                             "--val-frames/--calib-frames/--iterations/--output-loss-every/--seed")
+                             "--val-frames/--calib-frames/--iterations/--output-loss-every")
         index = {key(r): i for i, r in enumerate(result["rows"])}
+        fp32_models = {r["model"] for r in result["rows"] if r["method"] == "fp32"}
         for row in other["rows"]:
+            if row["method"] == "fp32":
+                if row["model"] in fp32_models:
+                    continue
+                fp32_models.add(row["model"])
+            else:
+                row = {**row, "seed": row.get("seed", other["meta"].get("seed", 0))}
             if key(row) in index:
                 result["rows"][index[key(row)]] = row
             else:
