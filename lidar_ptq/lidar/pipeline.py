@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -190,8 +190,10 @@ def take_frames(calib_data: Iterable[Any], frames: int) -> list[Any]:
 def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe,
             occupancy_source: str | None = None, freeze_weights: bool = True) -> LidarPTQReport:
     """Quantize ``model`` in place with ``recipe``: quantize, calibrate (over the BEV occupancy of
-    ``occupancy_source`` when the recipe calibrates sparsely), reconstruct, freeze the rounding.
-    With an output loss (TGPL), ``model(batch)`` must return the detection head outputs."""
+    ``occupancy_source`` when the recipe calibrates sparsely), reconstruct, correct biases, freeze the
+    rounding. With a ``select_loss``, reconstruction and bias correction are each kept only if they lower
+    it against the float outputs. With an output loss (TGPL), ``model(batch)`` must return the detection
+    head outputs."""
     data = take_frames(calib_data, recipe.calib_frames)
     quant, selection = recipe.quant, {}
     if recipe.quant_candidates and recipe.select_loss is not None:
@@ -200,12 +202,22 @@ def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe,
     if recipe.equalize:
         equalize_inputs(model, recipe.equalize, data, recipe.equalize_alpha)
     missing = _calibrate(model, data, recipe, occupancy_source)
+    judge = TaskJudge(model, data, recipe.select_loss) if recipe.select_loss is not None else None
     # Reconstruction before bias correction: it matches the float model's outputs in FLOAT mode, and a
     # corrected bias would be in that "float" reference too (on the synthetic pillar model the reference
     # then sat 20x further from the true float output: TGPL 0.73 instead of 0.036).
-    report, recon_loss, recon_kept = _reconstruction(model, data, recipe) if recipe.recon is not None \
-        else (None, {}, True)
-    corrections, bc_loss = _bias_correction(model, data, recipe) if recipe.bias_correction else ({}, {})
+    report, recon_loss, recon_kept = None, {}, True
+    if recipe.recon is not None:
+        saved = copy.deepcopy(model.state_dict()) if judge is not None else {}
+        report, recon_loss, recon_kept = guarded("reconstruction", judge,
+                                                 lambda: reconstruct(model, data, recipe.recon),
+                                                 lambda: _restore(model, saved))
+    corrections, bc_loss = {}, {}
+    if recipe.bias_correction:
+        biases = {name: m.bias.detach().clone() for name, m in correctable_layers(model).items()}
+        corrections, bc_loss, bc_kept = guarded("bias correction", judge, lambda: correct_biases(model, data),
+                                                lambda: _restore_biases(model, biases))
+        corrections = corrections if bc_kept else {}
     if freeze_weights and report is not None:
         freeze(model)
     return LidarPTQReport(recipe, missing, report, sum(frames_in(b) for b in data), selection, corrections,
@@ -224,63 +236,70 @@ def _task_loss(model: nn.Module, data: list[Any], float_outputs: list[Any], loss
     return sum(float(loss(call_model(model, b), f, b)) for b, f in zip(data, float_outputs)) / len(data)
 
 
-def _float_outputs(model: nn.Module, data: list[Any]) -> list[Any]:
-    with torch.no_grad(), temporary_quant_mode(model, QuantMode.FLOAT):
-        return [call_model(model, b) for b in data]
+class TaskJudge:
+    """The select loss of the model's current quantized output against its float output, on the
+    calibration frames. Float outputs are taken once, right after calibration: reconstruction and bias
+    correction are both judged against the untouched float model (and a FLOAT-mode pass later would
+    see a corrected bias)."""
+
+    def __init__(self, model: nn.Module, data: list[Any], loss: Any) -> None:
+        self.model, self.data, self.loss = model, data, loss
+        with torch.no_grad(), temporary_quant_mode(model, QuantMode.FLOAT):
+            self.float_outputs = [call_model(model, b) for b in data]
+        self._current: float | None = None  # the loss of the model as it stands, when known
+
+    def current(self) -> float:
+        if self._current is None:
+            self._current = _task_loss(self.model, self.data, self.float_outputs, self.loss)
+        return self._current
+
+    def changed(self) -> None:
+        self._current = None
+
+    def restored(self, loss: float) -> None:
+        self._current = loss
 
 
-def _reconstruction(model: nn.Module, data: list[Any], recipe: PTQRecipe
-                    ) -> tuple[ReconReport, dict[str, float], bool]:
-    """Reconstruction, kept only if it lowers ``recipe.select_loss`` on the calibration frames (when the
-    recipe has one), like bias correction.
+Result = TypeVar("Result")
 
-    Block-wise reconstruction does not promise a better detector: on the synthetic pillar model at
-    W8A8 (16 frames, 40 iterations) it lowered the TGPL error and gained 0.13 mAP with one draw of
-    calibration frames but cost 3.0 mAP with another (73.73 -> 70.69).
+
+def guarded(stage: str, judge: TaskJudge | None, apply: Callable[[], Result], undo: Callable[[], None]
+            ) -> tuple[Result, dict[str, float], bool]:
+    """Run ``apply``; keep its effect only if the judge's loss does not rise, else ``undo`` it.
+
+    Neither block-wise reconstruction nor bias correction promises a better detector: on the synthetic
+    pillar model at W8A8 reconstruction cost 3.0 mAP with one draw of calibration frames (73.73 ->
+    70.69), and at W8A4 bias correction cost 19 (48.8 -> 29.5; it assumes the rounding error does not
+    depend on the bias, which coarse activations break). Returns (apply's result, {"before", "after"}
+    losses ({} without a judge), kept).
     """
-    if recipe.select_loss is None:
-        return reconstruct(model, data, recipe.recon), {}, True
-    float_outputs = _float_outputs(model, data)
-    before = _task_loss(model, data, float_outputs, recipe.select_loss)
-    saved = copy.deepcopy(model.state_dict())
-    report = reconstruct(model, data, recipe.recon)
-    after = _task_loss(model, data, float_outputs, recipe.select_loss)
+    if judge is None:
+        return apply(), {}, True
+    before = judge.current()
+    result = apply()
+    judge.changed()
+    after = judge.current()
     losses = {"before": before, "after": after}
     if after <= before:
-        logger.info("reconstruction kept: task loss %.4g -> %.4g", before, after)
-        return report, losses, True
+        logger.info("%s kept: task loss %.4g -> %.4g", stage, before, after)
+        return result, losses, True
+    undo()
+    judge.restored(before)
+    logger.warning("%s undone: it raised the task loss on the calibration frames %.4g -> %.4g",
+                   stage, before, after)
+    return result, losses, False
+
+
+def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     freeze(model)  # drops the learned roundings, so the module tree matches the saved state again
-    model.load_state_dict(saved)
-    logger.warning("reconstruction undone: it raised the task loss on the calibration frames %.4g -> %.4g",
-                   before, after)
-    return report, losses, False
+    model.load_state_dict(state)
 
 
-def _bias_correction(model: nn.Module, data: list[Any], recipe: PTQRecipe
-                     ) -> tuple[dict[str, float], dict[str, float]]:
-    """Bias correction, kept only if it lowers ``recipe.select_loss`` (when the recipe has one).
-
-    The correction assumes the rounding error is independent of the bias; with very coarse
-    activations (4 bits) moving a bias moves values across rounding and ReLU thresholds, and
-    on the synthetic pillar model W8A4 the uncorrected model was far better (48.8 vs 29.5 mAP).
-    """
-    if recipe.select_loss is None:
-        return correct_biases(model, data), {}
-    float_outputs = _float_outputs(model, data)
-    before = _task_loss(model, data, float_outputs, recipe.select_loss)
-    biases = {name: m.bias.detach().clone() for name, m in correctable_layers(model).items()}
-    corrections = correct_biases(model, data)
-    after = _task_loss(model, data, float_outputs, recipe.select_loss)
-    losses = {"before": before, "after": after}
-    if after <= before:
-        logger.info("bias correction kept: task loss %.4g -> %.4g", before, after)
-        return corrections, losses
+@torch.no_grad()
+def _restore_biases(model: nn.Module, biases: dict[str, torch.Tensor]) -> None:
     modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, bias in biases.items():
-            modules[name].bias.copy_(bias)
-    logger.info("bias correction reverted: it raised the task loss %.4g -> %.4g", before, after)
-    return {}, losses
+    for name, bias in biases.items():
+        modules[name].bias.copy_(bias)
 
 
 @torch.no_grad()
