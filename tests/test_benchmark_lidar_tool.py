@@ -76,3 +76,19 @@ def test_seed_runs_are_kept_apart_and_summarised_as_mean_and_spread(tmp_path):
     table = bench.seed_table(rows, [0, 1])
     assert table[3] == "| lidar_ptq | 8/8 | 72.00 | 74.00 | 73.00 +- 1.41 (2) | -2.00 | 10 |"
     assert table[4].startswith("| maxmin | 8/8 | 60.00 | - | 60.00 +- 0.00 (1) |")
+
+
+def test_range_rule_study_reports_rank_agreement_per_seed(tmp_path):
+    study = load_tool("study_range_rules")
+    assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert study.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    rows = [{"seed": 0, "sparse": True, "rule": rule, "bias_correction": bc, "val_map": val, "tgpl": tgpl,
+             "pseudo_map": pseudo, "seconds": 1.0}
+            for rule, bc, val, tgpl, pseudo in [("maxmin", False, 0.60, 0.30, 0.80), ("maxmin", True, 0.74, 0.02, 0.97),
+                                                ("lp2", False, 0.70, 0.10, 0.90), ("lp2", True, 0.73, 0.01, 0.96)]]
+    out = tmp_path / "study.json"
+    study.write_report({"meta": {"val_frames": 10, "calib_frames": 2, "pseudo_gt_score": 0.3}, "rows": rows}, out)
+    table = (tmp_path / "study.md").read_text()
+    assert "| 0 | active | lp2 | yes | 73.00 | 0.0100 | 96.00 |" in table
+    # over all four TGPL ranks the first three right (+0.80); among the two corrected ones it is wrong (-1)
+    assert "| 0 | 4 | +0.80 | +1.00 | -1.00 | +1.00 | 73.00 - 74.00 |" in table
