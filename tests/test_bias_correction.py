@@ -1,4 +1,7 @@
 """Empirical bias correction: removes the systematic output shift that INT8 rounding of BEV maps causes."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -97,6 +100,19 @@ def test_recipes_switch_bias_correction():
     assert not recipe_from_dict({"method": "lidar_ptq", "bias_correction": False}).bias_correction
     assert recipe_from_dict({"method": "percentile", "bias_correction": True}).bias_correction
     assert not recipe_from_dict({"method": "maxmin"}).bias_correction
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs/quant/ptq").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_every_shipped_recipe_file_loads(path):
+    from lidar_ptq.lidar.recipes import load_recipe
+
+    recipe = load_recipe(path)
+    spec = json.loads(path.read_text())
+    assert (recipe.quant["weight"]["bits"], recipe.quant["input"]["bits"]) == (spec.get("w_bits", 8),
+                                                                              spec.get("a_bits", 8))
+    assert recipe.bias_correction == spec.get("bias_correction", spec.get("method") == "lidar_ptq")
+    assert recipe.equalize == tuple(spec.get("equalize", ["*voxel_encoder*"] if spec["method"] == "lidar_ptq" else []))
 
 
 class _ScriptedLoss:
