@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchmark_lidar import CONFIGS, ROOT, build_model  # tools/ is on sys.path when run as a script
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
@@ -32,21 +33,16 @@ from lidar_ptq.lidar.tgpl import TaskGuidedPositiveLoss
 from lidar_ptq.mmdet3d.adapter import DetectorAdapter
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
 from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate
-from lidar_ptq.mmdet3d.metrics import center_distance_map
+from lidar_ptq.mmdet3d.metrics import box_record, center_distance_map
 from lidar_ptq.mmdet3d.ptq import quantize_detector
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs/synthetic/centerpoint_pillar_synthetic.py"
 CHECKPOINT = ROOT / "benchmarks/models/centerpoint_pillar_synthetic.pth"
 RULES = ("maxmin", "lp2", "pct99.9", "pct99.99", "lp3")
 PSEUDO_GT_SCORE = 0.3
 
 
 def _boxes(instances: Any, keep: torch.Tensor) -> dict[str, np.ndarray]:
-    boxes = instances.bboxes_3d
-    return {"centres": boxes.gravity_center[keep].numpy(), "sizes": boxes.dims[keep].numpy(),
-            "yaws": boxes.yaw[keep].numpy(), "labels": instances.labels_3d[keep].numpy(),
-            "scores": instances.scores_3d[keep].numpy()}
+    return box_record(instances.bboxes_3d[keep], instances.labels_3d[keep], instances.scores_3d[keep], None)
 
 
 @torch.no_grad()
@@ -68,19 +64,9 @@ def calibration_losses(quantized: DetectorAdapter, reference: DetectorAdapter, b
 
 
 def run_seed(seed: int, args: argparse.Namespace, rows: list[dict[str, Any]], out: Path) -> None:
-    from mmdet3d.registry import MODELS
-
-    from lidar_ptq.mmdet3d.ptq import load_float_checkpoint
-
-    cfg = Config.fromfile(str(CONFIG))
-
-    def float_model() -> torch.nn.Module:
-        model = MODELS.build(cfg.model)
-        load_float_checkpoint(model, CHECKPOINT)
-        return model.eval()
-
+    cfg = Config.fromfile(str(CONFIGS["pillar"]))
     loader = build_test_loader(cfg, args.val_frames)
-    reference = DetectorAdapter(float_model())
+    reference = DetectorAdapter(build_model(cfg, CHECKPOINT))
     batches = collect_batches(reference.detector, build_calibration_loader(cfg, args.calib_frames, seed),
                               progress=False)
     with torch.no_grad():
@@ -97,7 +83,7 @@ def run_seed(seed: int, args: argparse.Namespace, rows: list[dict[str, Any]], ou
                                         calib_frames=args.calib_frames)
                 recipe = config.recipe()
                 recipe.quant, recipe.select_loss = config.quant_config(rule), None  # this rule, BC unguarded
-                model = float_model()
+                model = build_model(cfg, CHECKPOINT)
                 start = time.perf_counter()
                 quantize_detector(model, batches, recipe)
                 row = {"seed": seed, "sparse": sparse, "rule": rule, "bias_correction": bias_correction,

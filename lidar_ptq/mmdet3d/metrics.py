@@ -59,7 +59,7 @@ def center_distance_map(frames: list[dict[str, Any]], classes: Sequence[str],
     return results
 
 
-def _box_record(boxes: Any, labels: Any, scores: Any | None, limit: float | None) -> dict[str, np.ndarray]:
+def box_record(boxes: Any, labels: Any, scores: Any | None, limit: float | None) -> dict[str, np.ndarray]:
     centres = boxes.gravity_center.detach().cpu().numpy()
     dims = boxes.dims.detach().cpu().numpy()
     yaws = boxes.yaw.detach().cpu().numpy()
@@ -99,8 +99,8 @@ class CenterDistanceMAP(BaseMetric):
             token = str(sample.get("sample_idx", len(self.results)))
             self.results.append({
                 "token": token,
-                "gt": _box_record(ann["gt_bboxes_3d"], ann["gt_labels_3d"], None, self.eval_range),
-                "pred": _box_record(pred["bboxes_3d"], pred["labels_3d"], pred["scores_3d"], self.eval_range),
+                "gt": box_record(ann["gt_bboxes_3d"], ann["gt_labels_3d"], None, self.eval_range),
+                "pred": box_record(pred["bboxes_3d"], pred["labels_3d"], pred["scores_3d"], self.eval_range),
             })
 
     def compute_metrics(self, results: list[dict[str, Any]]) -> dict[str, float]:
