@@ -139,3 +139,26 @@ def test_run_ptq_keeps_bias_correction_only_when_the_task_loss_drops(before, aft
     assert bool(report.bias_corrections) is kept
     changed = [not torch.equal(model.get_submodule(n).bias, b) for n, b in original.items()]
     assert all(changed) if kept else not any(changed)
+
+
+def test_unfolded_corrections_leave_the_float_model_untouched_until_folded():
+    """Reconstruction after bias correction needs FLOAT mode to still be the float model."""
+    from lidar_ptq.quant.bias_correction import fold_bias_shifts
+    from lidar_ptq.quant.quantizer import QuantMode, temporary_quant_mode
+
+    reference, model, frames = TinyBEV().eval(), quantized(), bev_frames(seed=1)
+    with torch.no_grad():
+        before = model(frames[0])
+    changes = correct_biases(model, bev_frames(), progress=False, fold=False)
+    layers = ("stem", "body", "head")
+    assert changes and all(torch.equal(getattr(model, n).bias, getattr(reference, n).bias) for n in layers)
+    with torch.no_grad(), temporary_quant_mode(model, QuantMode.FLOAT):
+        assert torch.equal(model(frames[0]), reference(frames[0]))
+    with torch.no_grad():
+        corrected = model(frames[0])
+    assert not torch.equal(corrected, before)
+    assert mean_shift(model, reference, frames) < 0.5 * mean_shift(quantized(), reference, frames)
+    assert fold_bias_shifts(model) == len(changes)
+    assert not any("bias_shift" in key for key in model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(frames[0]), corrected, atol=1e-6)  # folded: the same quantized model

@@ -88,13 +88,34 @@ def _measure(model: nn.Module, layers: dict[str, QuantModuleMixin], data: list[A
     return stats
 
 
+def fold_bias_shifts(model: nn.Module) -> int:
+    """Add every layer's pending ``bias_shift`` into its bias (what an engine runs); returns how many."""
+    folded = 0
+    for module in model.modules():
+        shift = module._buffers.pop("bias_shift", None) if isinstance(module, QuantModuleMixin) else None
+        if shift is not None:
+            with torch.no_grad():
+                module.bias.add_(shift.to(module.bias.dtype))
+            folded += 1
+    return folded
+
+
+def drop_bias_shifts(model: nn.Module) -> None:
+    """Undo a correction that was not folded yet."""
+    for module in model.modules():
+        if isinstance(module, QuantModuleMixin):
+            module._buffers.pop("bias_shift", None)
+
+
 def correct_biases(model: nn.Module, data: Iterable[Any], patterns: Sequence[str] = ("*",),
-                   progress: bool = True) -> dict[str, float]:
-    """Correct, in place, the bias of every quantized layer matching ``patterns`` (after calibration).
+                   progress: bool = True, fold: bool = True) -> dict[str, float]:
+    """Correct the bias of every quantized layer matching ``patterns`` (after calibration).
 
     Returns each corrected layer's largest absolute change, for the report. One float pass
     gives the reference means and the execution order; then one quantized pass per layer,
-    stopped as soon as that layer has run.
+    stopped as soon as that layer has run. The corrections are kept as ``bias_shift`` buffers
+    that only quantized forwards add, so a later stage (reconstruction) still sees the float
+    model in FLOAT mode; ``fold`` adds them into the biases at the end (``fold_bias_shifts``).
     """
     data = list(data)
     if not data:
@@ -119,7 +140,10 @@ def correct_biases(model: nn.Module, data: Iterable[Any], patterns: Sequence[str
         if not torch.isfinite(error).all():
             raise FloatingPointError(f"bias correction of {name}: the quantized output mean is not finite; "
                                      "check the calibration (uncalibrated or zero-range quantizers)")
-        with torch.no_grad():
-            layer.bias.sub_(error.to(layer.bias.device))
+        if "bias_shift" not in layer._buffers:
+            layer.register_buffer("bias_shift", torch.zeros_like(layer.bias.detach()))
+        layer.bias_shift.sub_(error.to(layer.bias.device))
         changes[name] = float(error.abs().max())
+    if fold:
+        fold_bias_shifts(model)
     return changes

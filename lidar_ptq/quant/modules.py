@@ -89,11 +89,20 @@ class QuantModuleMixin:
         shape[self.feature_axis] = -1
         return x / scale.reshape(shape)
 
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias plus the bias correction's ``bias_shift`` while quantizing; the float bias in FLOAT
+        and CALIBRATE mode, so the float reference of later stages stays the float model's."""
+        shift = self._buffers.get("bias_shift")
+        if shift is None or self.weight_quantizer.mode is not QuantMode.QUANTIZE:
+            return self.bias
+        return self.bias + shift
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # an equalized layer's checkpoint carries input_channel_scale; a fresh twin has none yet
-        key = prefix + "input_channel_scale"
-        if key in state_dict and "input_channel_scale" not in self._buffers:
-            self.register_buffer("input_channel_scale", torch.empty_like(state_dict[key]))
+        # optional buffers (equalization scales, bias shifts) are in a checkpoint that a fresh twin lacks
+        for name in ("input_channel_scale", "bias_shift"):
+            key = prefix + name
+            if key in state_dict and name not in self._buffers:
+                self.register_buffer(name, torch.empty_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def calibrate_weight(self) -> None:
@@ -105,7 +114,7 @@ class QuantModuleMixin:
 class _QuantConvForward(QuantModuleMixin):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer(self.prescale_input(input))
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
 
 @register_quant_module(nn.Conv1d)
@@ -134,8 +143,8 @@ class QuantConvTranspose2d(QuantModuleMixin, nn.ConvTranspose2d):
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                               2, self.dilation)
         x = self.input_quantizer(self.prescale_input(input))
-        return F.conv_transpose2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, output_padding,
-                                  self.groups, self.dilation)
+        return F.conv_transpose2d(x, self.quantized_weight(), self.quantized_bias(), self.stride, self.padding,
+                                  output_padding, self.groups, self.dilation)
 
 
 @register_quant_module(nn.Linear)
@@ -143,4 +152,5 @@ class QuantLinear(QuantModuleMixin, nn.Linear):
     feature_axis = -1
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(self.prescale_input(input)), self.quantized_weight(), self.bias)
+        x = self.input_quantizer(self.prescale_input(input))
+        return F.linear(x, self.quantized_weight(), self.quantized_bias())

@@ -30,7 +30,7 @@ class _QuantSparseConvForward(QuantModuleMixin):
 
     def forward(self, input: spconv.SparseConvTensor, add_input: spconv.SparseConvTensor | None = None):
         quantized = input.replace_feature(self.input_quantizer(input.features))
-        return self._conv_forward(self.training, quantized, self.quantized_weight(), self.bias, add_input,
+        return self._conv_forward(self.training, quantized, self.quantized_weight(), self.quantized_bias(), add_input,
                                   name=self.name, sparse_unique_name=self._sparse_unique_name,
                                   act_type=self.act_type, act_alpha=self.act_alpha, act_beta=self.act_beta)
 
