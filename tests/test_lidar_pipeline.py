@@ -44,17 +44,26 @@ def test_stage_switches():
     assert cfg.quant_config("lp4")["input"]["observer"] == "lp_search"
     assert cfg.quant_config("lp4")["input"]["observer_kwargs"] == {"sparse": True, "p": 4.0}
     assert cfg.quant_config("pct99.9")["input"]["observer_kwargs"] == {"sparse": True, "percentile": 99.9}
+    assert cfg.quant_config("lp2@all")["input"]["observer_kwargs"] == {"sparse": False, "p": 2.0}
+    assert cfg.quant_config("maxmin@active")["input"]["observer_kwargs"] == {"sparse": True}
     with pytest.raises(ValueError, match="unknown clipping rule"):
         cfg.quant_config("magic")
+    with pytest.raises(ValueError, match="unknown sites 'half'"):
+        cfg.quant_config("lp2@half")
     recipe = cfg.recipe()
-    assert list(recipe.quant_candidates) == ["maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99"]
+    assert list(recipe.quant_candidates) == ["maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99",
+                                             "maxmin@all", "lp2@all", "lp3@all", "pct99.99@all"]
     assert isinstance(recipe.select_loss, TaskGuidedPositiveLoss)
     recon = cfg.recon_config()
     assert recon.rounding == "nearest" and recon.learn_act_scale and recon.output_loss is not None
-    # adaptive rounding: by default only below 8-bit weights; an explicit flag wins
-    assert LidarPTQConfig(tgpl=False).recon_config() is None
-    recon = LidarPTQConfig(w_bits=4, tgpl=False).recon_config()
-    assert recon.rounding == "adaround" and recon.output_loss is None
+    # adaptive rounding: on by default at every bit-width, as in the paper
+    for w_bits in (8, 4):
+        recon = LidarPTQConfig(w_bits=w_bits, tgpl=False).recon_config()
+        assert recon.rounding == "adaround" and recon.output_loss is None
+    assert LidarPTQConfig(tgpl=False, adaptive_rounding=False).recon_config() is None
+    # identical candidates are judged once: without sparse calibration "lp2@all" is "lp2"
+    dense = LidarPTQConfig(sparse_calibration=False).recipe().quant_candidates
+    assert list(dense) == ["maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99"]
     assert LidarPTQConfig(tgpl=False, adaptive_rounding=True).recon_config().rounding == "adaround"
     assert LidarPTQConfig(w_bits=4, tgpl=False, adaptive_rounding=False).recon_config() is None
 
@@ -65,12 +74,26 @@ def test_task_guided_range_search_keeps_the_candidate_with_the_lowest_output_err
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=3 * data[0].shape[0])
     report = run_lidar_ptq(model, data, cfg)
-    assert set(report.selection) == {"maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99"}
+    assert list(report.selection) == list(LidarPTQConfig().grid_candidates)
     chosen = min(report.selection, key=report.selection.get)
     observers = {row["observer"] for row in lidar_ptq.quant_summary(model)}
     expected = {"maxmin": {"minmax"}, "lp": {"lp_search"}, "pct": {"minmax", "percentile"}}
-    assert observers == expected[chosen.rstrip("0123456789.")]
+    assert observers == expected[chosen.split("@")[0].rstrip("0123456789.")]
     assert len(set(report.selection.values())) > 1  # the candidates really differ
+
+
+def test_range_search_judges_each_candidate_after_bias_correction_too():
+    """With bias correction on, a candidate scores the better of its loss without and with a correction,
+    so no score rises and the correction lowers some (it is what reorders the rules on the pillar model)."""
+    torch.manual_seed(0)
+    model = TinyBEVDetector().eval()
+    data = [sparse_bev(s) for s in range(3)]
+    stages = dict(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=6)
+    plain = run_lidar_ptq(copy.deepcopy(model), data, LidarPTQConfig(**stages, bias_correction=False)).selection
+    corrected = run_lidar_ptq(copy.deepcopy(model), data, LidarPTQConfig(**stages)).selection
+    assert list(plain) == list(corrected)
+    assert all(corrected[k] <= plain[k] for k in plain), (plain, corrected)
+    assert sum(corrected[k] < 0.99 * plain[k] for k in plain) >= 2, (plain, corrected)
 
 
 def test_full_pipeline_lowers_tgpl_loss_versus_max_min():

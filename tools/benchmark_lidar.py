@@ -53,7 +53,7 @@ ABLATION = {"ablation:maxmin": dict(equalize_inputs=False, bias_correction=False
             "ablation:+bias_correction": dict(grid_search=False, tgpl=False, adaptive_rounding=False),
             "ablation:+grid": dict(tgpl=False, adaptive_rounding=False),
             "ablation:+tgpl": dict(adaptive_rounding=False),
-            "ablation:+rounding": dict(adaptive_rounding=True),  # also at W8, where LiDAR-PTQ's default skips it
+            "ablation:+rounding": dict(adaptive_rounding=True),  # LiDAR-PTQ's default
             "ablation:dense": dict(sparse_calibration=False)}  # LiDAR-PTQ with ranges over every site, empty too
 EQUALIZE = ["*voxel_encoder*"]  # "<method>+equalize": a baseline with LiDAR-PTQ's input equalization
 ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize",
@@ -86,7 +86,7 @@ def same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
     def resolved(spec: dict[str, Any]) -> dict[str, Any]:
         cfg = LidarPTQConfig(w_bits=spec["w_bits"], a_bits=spec["a_bits"],
                              **{f: spec[f] for f in (*flags, "adaptive_rounding") if f in spec})
-        return {**spec, **{f: getattr(cfg, f) for f in flags}, "adaptive_rounding": cfg.rounds_adaptively}
+        return {**spec, **{f: getattr(cfg, f) for f in flags}, "adaptive_rounding": cfg.adaptive_rounding}
     return resolved(a) == resolved(b)
 
 

@@ -7,7 +7,7 @@
 2. ``grid_search``: Lp search of each clipping range (on active sites);
 3. ``tgpl``: quantization parameters optimised against the task-guided global
    positive loss on the detector output (added to the local unit loss);
-4. ``adaptive_rounding``: AdaRound reconstruction of the weights (by default only below 8-bit weights).
+4. ``adaptive_rounding``: AdaRound reconstruction of the weights.
 
 Stages 3 and 4 are one call of the generic reconstruction core: TGPL without
 adaptive rounding learns the activation step sizes with nearest rounding. Not in the
@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..api import calibrate, quantize
 from ..batches import call_model
@@ -62,6 +63,9 @@ class PTQRecipe:
     equalize_alpha: float = 0.75
     # Empirical bias correction (lidar_ptq.quant.bias_correction) after calibration, before reconstruction.
     bias_correction: bool = False
+    # With bias correction on, each quant candidate is also judged after a correction measured on its
+    # first ``search_bias_frames`` calibration frames (None: all), since the correction reorders them.
+    search_bias_frames: int | None = 4
 
 
 @dataclass
@@ -78,17 +82,24 @@ class LidarPTQConfig:
     bias_correction: bool = True
     grid_search: bool = True
     tgpl: bool = True
-    # None: on only for weights below 8 bits. On the synthetic pillar model AdaRound at W8 cost 0.2-2.6 mAP
-    # against nearest rounding (every budget and lr tried: 40/200 iterations; 16/64 frames) while at W4
-    # it gained 5.7 (67.60 -> 73.34 at 200 iterations); nearest rounding is what INT8 deployments use.
-    adaptive_rounding: bool | None = None
+    # AdaRound at every bit-width, as in the paper. On the synthetic pillar model at W8A8 it gained
+    # 0.27 mAP over nearest rounding (3 calibration draws, 40 iterations); at W4 it is what recovers
+    # accuracy (67.60 -> 73.34 at 200 iterations). On the voxel model at W8 it cost 0.24 (one draw).
+    adaptive_rounding: bool = True
     # The grid search of the clipping ranges. A local Lp error alone misleads on detectors (objects
     # live in rare, large BEV activations that p=2 clips away: on the synthetic pillar model p=2 cost
     # 8 mAP), so the search is task-guided: every clipping rule in ``grid_candidates`` calibrates a copy
     # of the model and the one with the lowest TGPL error on the calibration frames is kept. Rules:
     # "maxmin" (no clipping: the sparse max-min ranges), "lp<p>" (Lp-error search of the clipping
-    # range, weights and activations), "pct<q>" (activations clipped at the q-th percentile of |x|).
-    grid_candidates: tuple[str, ...] = ("maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99")
+    # range, weights and activations), "pct<q>" (activations clipped at the q-th percentile of |x|);
+    # "<rule>@all" takes the activation statistics over every site instead of the active ones.
+    # Candidates are judged after bias correction when it is on (it reorders them: on the pillar
+    # model max-min is the worst rule without it and among the best with it), and the all-site
+    # rules are there because, corrected, they beat their active-site twins on every draw measured
+    # (lp2: 74.35 against 73.98 mean over 3 draws; benchmarks/range_rules.md).
+    grid_candidates: tuple[str, ...] = ("maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99",
+                                        "maxmin@all", "lp2@all", "lp3@all", "pct99.99@all")
+    search_bias_frames: int | None = 4
     tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
     tgpl_weight: float = 1.0
     occupancy_source: str | None = None  # module whose output is the scattered BEV map (occupancy mask)
@@ -99,8 +110,11 @@ class LidarPTQConfig:
     def quant_config(self, clipping: str = "maxmin") -> dict[str, Any]:
         """The quant config of stages 1-2: max-min ranges (over active sites when sparse), clipped by
         the rule ``clipping`` (see ``grid_candidates``)."""
+        clipping, _, sites = clipping.partition("@")
+        if sites not in ("", "active", "all"):
+            raise ValueError(f"unknown sites {sites!r} in clipping rule: use '<rule>', '<rule>@active' or '<rule>@all'")
         w_observer, w_kwargs = "minmax", {}
-        a_observer, a_kwargs = "minmax", {"sparse": self.sparse_calibration}
+        a_observer, a_kwargs = "minmax", {"sparse": self.sparse_calibration and sites != "all"}
         if clipping.startswith("lp"):
             p = float(clipping[2:])
             w_observer, w_kwargs = "lp_search", {"p": p}
@@ -116,17 +130,12 @@ class LidarPTQConfig:
             "overrides": dict(self.overrides),
         }
 
-    @property
-    def rounds_adaptively(self) -> bool:
-        """Whether stage 4 runs: as set, or (None) only for sub-8-bit weights."""
-        return self.w_bits < 8 if self.adaptive_rounding is None else self.adaptive_rounding
-
     def recon_config(self) -> ReconConfig | None:
         """Stages 3-4 as one reconstruction config, or None when both are off."""
-        if not (self.tgpl or self.rounds_adaptively):
+        if not (self.tgpl or self.adaptive_rounding):
             return None
         settings: dict[str, Any] = {"granularity": "block", "drop_prob": 1.0, "learn_act_scale": True,
-                                    "rounding": "adaround" if self.rounds_adaptively else "nearest"}
+                                    "rounding": "adaround" if self.adaptive_rounding else "nearest"}
         if self.tgpl:
             settings.update(output_loss=TaskGuidedPositiveLoss(self.tgpl_config), output_loss_weight=self.tgpl_weight)
         settings.update(self.recon)
@@ -134,14 +143,19 @@ class LidarPTQConfig:
 
 
     def recipe(self, name: str | None = None) -> PTQRecipe:
-        candidates = {rule: self.quant_config(rule) for rule in self.grid_candidates} if self.grid_search else {}
+        candidates: dict[str, dict[str, Any]] = {}
+        for rule in self.grid_candidates if self.grid_search else ():
+            config = self.quant_config(rule)
+            if config not in candidates.values():  # e.g. "lp2@all" is "lp2" without sparse calibration
+                candidates[rule] = config
         return PTQRecipe(name or f"lidar_ptq_w{self.w_bits}a{self.a_bits}", self.quant_config(),
                          self.recon_config(), self.sparse_calibration, self.calib_frames,
                          quant_candidates=candidates,
                          select_loss=(TaskGuidedPositiveLoss(self.tgpl_config)
                                       if candidates or self.bias_correction or self.recon_config() else None),
                          equalize=tuple(self.equalize_patterns) if self.equalize_inputs else (),
-                         equalize_alpha=self.equalize_alpha, bias_correction=self.bias_correction)
+                         equalize_alpha=self.equalize_alpha, bias_correction=self.bias_correction,
+                         search_bias_frames=self.search_bias_frames)
 
 
 @dataclass
@@ -300,16 +314,22 @@ def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def select_quant_config(model: nn.Module, data: list[Any], recipe: PTQRecipe, occupancy_source: str | None
                         ) -> tuple[dict[str, Any], dict[str, float]]:
     """Calibrate a copy of the (float) model with each candidate config; keep the one whose output is
-    closest to the float output under ``recipe.select_loss`` on the calibration frames."""
+    closest to the float output under ``recipe.select_loss`` on the calibration frames. With bias
+    correction in the recipe a candidate scores the better of its loss without and with a correction
+    (the pipeline's guard makes the same choice later)."""
     float_outputs = [call_model(model, batch) for batch in data]
     scores: dict[str, float] = {}
-    for name, candidate in recipe.quant_candidates.items():
+    bias_data = data[:recipe.search_bias_frames] if recipe.search_bias_frames else data
+    for name, candidate in tqdm(recipe.quant_candidates.items(), desc="range search", unit="rule"):
         trial = copy.deepcopy(model)
         quantize(trial, candidate)
         if recipe.equalize:
             equalize_inputs(trial, recipe.equalize, data, recipe.equalize_alpha)
         _calibrate(trial, data, recipe, occupancy_source, progress=False)
         scores[name] = _task_loss(trial, data, float_outputs, recipe.select_loss)
+        if recipe.bias_correction:
+            correct_biases(trial, bias_data, progress=False, fold=False)
+            scores[name] = min(scores[name], _task_loss(trial, data, float_outputs, recipe.select_loss))
         del trial
     best = min(scores, key=scores.get)
     logger.info("task-guided range search: %s -> %s", ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), best)
