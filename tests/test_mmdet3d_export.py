@@ -130,6 +130,17 @@ def test_deployed_files_reproduce_the_pytorch_int8_map(data, tmp_path):
     assert evaluate(model, loader, cfg.test_evaluator)["det/mAP"] == pytorch["det/mAP"]  # parts restored
 
 
+def test_asking_for_more_test_frames_than_the_set_holds_is_an_error(data):
+    """mmengine keeps the frames there are when ``indices`` exceeds them; a benchmark would then report
+    a mAP over fewer frames than it says."""
+    from mmengine.config import Config
+    _, configs = data
+    cfg = Config.fromfile(str(configs["pillar"]))
+    assert len(build_test_loader(cfg, 2).dataset) == 2
+    with pytest.raises(ValueError, match="holds 2 frames but 3 were asked for"):
+        build_test_loader(cfg, 3)
+
+
 def test_voxel_export_sparse_backbone_with_fp16_first_layer(data, tmp_path):
     _, configs = data
     _, model, batches = quantized_model(configs["voxel"], "voxel")

@@ -11,7 +11,7 @@ dataset_type = 'SyntheticLidarDataset'
 data_root = 'data/synthetic_lidar/'
 backend_args = None
 # Generation settings read by the tools when the data is missing.
-synthetic_data = dict(root=data_root, train=2000, val=200, seed=0)
+synthetic_data = dict(root=data_root, train=2000, val=300, seed=0)
 
 train_pipeline = [
     dict(type='LoadPointsFromFile', coord_type='LIDAR', load_dim=5, use_dim=4, backend_args=backend_args),

@@ -15,7 +15,11 @@ def build_test_loader(cfg: Any, frames: int | None = None) -> Any:
     loader_cfg["num_workers"], loader_cfg["persistent_workers"] = 0, False
     if frames is not None:
         loader_cfg["dataset"] = {**loader_cfg["dataset"], "indices": frames}
-    return Runner.build_dataloader(loader_cfg)
+    loader = Runner.build_dataloader(loader_cfg)
+    if frames is not None and len(loader.dataset) < frames:  # mmengine silently keeps what there is
+        raise ValueError(f"the test set holds {len(loader.dataset)} frames but {frames} were asked for: ask for "
+                         "fewer, or generate more (synthetic data: python -m lidar_ptq.sim.dataset --val N)")
+    return loader
 
 
 @torch.no_grad()

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the synthetic LiDAR benchmark (mmdet3d v2 infos).")
     parser.add_argument("--root", default="data/synthetic_lidar")
     parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--val", type=int, default=200)  # as configs/_base_/synthetic_lidar.py
+    parser.add_argument("--val", type=int, default=300)  # as configs/_base_/synthetic_lidar.py
     parser.add_argument("--calib", type=int, default=0, help="extra frames for calibration (default: none; "
                         "calibration draws from train)")
     parser.add_argument("--seed", type=int, default=0)
