@@ -22,11 +22,10 @@ def test_rows_filtered_by_method_and_bits_and_explicit_pairs_outside_the_table()
 
 def test_same_recipe_resolves_lidar_ptq_defaults():
     spec = lambda method, w: bench.recipe_spec(method, w, 8, ARGS)  # noqa: E731
-    # adaptive rounding is off by default at W8: LiDAR-PTQ is its +tgpl ablation there, +rounding at W4
-    assert bench.same_recipe(spec("lidar_ptq", 8), spec("ablation:+tgpl", 8))
-    assert not bench.same_recipe(spec("lidar_ptq", 8), spec("ablation:+rounding", 8))
-    assert bench.same_recipe(spec("lidar_ptq", 4), spec("ablation:+rounding", 4))
-    assert not bench.same_recipe(spec("lidar_ptq", 4), spec("ablation:+tgpl", 4))
+    # adaptive rounding is on by default at every bit-width: LiDAR-PTQ is its +rounding ablation
+    for w in (8, 4):
+        assert bench.same_recipe(spec("lidar_ptq", w), spec("ablation:+rounding", w))
+        assert not bench.same_recipe(spec("lidar_ptq", w), spec("ablation:+tgpl", w))
     assert not bench.same_recipe(spec("brecq", 8), spec("qdrop", 8))
     assert not bench.same_recipe({}, spec("qdrop", 8))
 
