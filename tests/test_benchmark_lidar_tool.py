@@ -44,6 +44,11 @@ def test_merge_replaces_rerun_rows_and_refuses_other_settings(tmp_path):
         bench.merge_results(base, [other])
 
 
+def test_range_rule_cell_names_the_picked_rule():
+    assert bench.range_rule_cell(None) == "-" and bench.range_rule_cell({}) == "-"
+    assert bench.range_rule_cell({"maxmin": 0.3, "lp2@all": 0.0125, "lp4": 0.05}) == "lp2@all (0.013)"
+
+
 def test_guard_cell_states_the_guards_verdict():
     assert bench.guard_cell(None) == "-"
     assert bench.guard_cell({"kept": False}) == "-"

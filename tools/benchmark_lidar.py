@@ -199,6 +199,14 @@ def guard_cell(guard: dict[str, Any] | None) -> str:
     return f"{guard['before']:.3f} -> {guard['after']:.3f}, {'kept' if guard['kept'] else 'undone'}"
 
 
+def range_rule_cell(scores: dict[str, float] | None) -> str:
+    """The clipping rule LiDAR-PTQ's range search picked (lowest score) and its score ("-": no search)."""
+    if not scores:
+        return "-"
+    best = min(scores, key=scores.get)
+    return f"{best} ({scores[best]:.3f})"
+
+
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -217,8 +225,9 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
             lines += [f"Float training took {train_s / 60:.0f} min on this CPU (`{info.name}`); the "
                       "'PTQ / training' column is PTQ wall time as a fraction of it.", ""]
         lines += ["| method | W/A | mAP | delta vs FP32 | car | pedestrian | bicycle | PTQ s | PTQ / training "
-                  "| bias correction: TGPL before -> after | reconstruction: TGPL before -> after |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| range rule (TGPL) | bias correction: TGPL before -> after "
+                  "| reconstruction: TGPL before -> after |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ap = r.get("per_class", {})
             lines.append(f"| {r['method']} | {r['w_bits']}/{r['a_bits']} | {100 * r['value']:.2f} | "
@@ -226,7 +235,8 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
                          + " | ".join(f"{100 * ap.get(c, float('nan')):.2f}" for c in ("car", "pedestrian", "bicycle"))
                          + f" | {r['seconds']:.0f} | "
                          + (f"{r['seconds'] / train_s:.3f} |" if train_s and r["method"] != "fp32" else "- |")
-                         + f" {guard_cell(r.get('bias_correction'))} | {guard_cell(r.get('reconstruction'))} |")
+                         + f" {range_rule_cell(r.get('range_search'))} | {guard_cell(r.get('bias_correction'))} | "
+                         f"{guard_cell(r.get('reconstruction'))} |")
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     plot(result, out.with_suffix(""))
