@@ -188,3 +188,46 @@ def test_reconstruction_sees_the_untouched_float_model():
     with torch.no_grad():
         reference = float_model(data[0])
     assert all(torch.equal(a, b) for a, b in zip(reference[0].values(), seen[0][0].values()))
+
+
+def test_split_for_judge_holds_out_the_last_batches_and_rejects_what_cannot_be_split():
+    from lidar_ptq.lidar.pipeline import split_for_judge
+    data = list(range(8))
+    assert split_for_judge(data, 0.0) == (data, data)
+    assert split_for_judge(data, 0.25) == (data[:6], data[6:])
+    assert split_for_judge(data[:3], 0.1) == ([0, 1], [2])      # at least one batch judges
+    assert split_for_judge(data[:2], 0.9) == ([0], [1])         # and at least one fits
+    assert split_for_judge(data[:1], 0.25) == ([0], [0])        # one batch cannot be split: judged as fitted
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        split_for_judge(data, 1.0)
+
+
+def test_guard_judges_on_frames_held_out_of_bias_correction_and_reconstruction(monkeypatch):
+    """Bias correction and reconstruction see only the fitting batches; the guard's losses are measured on
+    the held-out ones (a stage that merely fits its own frames must not win its verdict there)."""
+    from lidar_ptq.lidar import pipeline
+    torch.manual_seed(0)
+    data = [sparse_bev(s) for s in range(4)]  # 2 frames each
+    fitted, judged = {}, []
+    real_bc, real_recon, real_loss = pipeline.correct_biases, pipeline.reconstruct, pipeline._task_loss
+
+    def correct_biases(model, batches, **kwargs):
+        fitted["bc"] = list(batches)
+        return real_bc(model, batches, **kwargs)
+
+    def reconstruct(model, batches, cfg):
+        fitted["recon"] = list(batches)
+        return real_recon(model, batches, cfg)
+
+    def task_loss(model, batches, float_outputs, loss):
+        judged.append(list(batches))
+        return real_loss(model, batches, float_outputs, loss)
+    for name, fake in {"correct_biases": correct_biases, "reconstruct": reconstruct, "_task_loss": task_loss}.items():
+        monkeypatch.setattr(pipeline, name, fake)
+    cfg = LidarPTQConfig(w_bits=4, a_bits=4, grid_search=False, recon={"iterations": 5, "progress": False},
+                         calib_frames=8)
+    report = run_lidar_ptq(TinyBEVDetector().eval(), data, cfg)
+    assert fitted["bc"] == data[:3] and fitted["recon"] == data[:3]
+    assert judged and all(batches == data[3:] for batches in judged)
+    assert report.judge_frames == 2 and report.frames == 8
+    assert set(report.recon_loss) == set(report.bias_correction_loss) == {"before", "after"}

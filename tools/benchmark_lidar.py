@@ -348,6 +348,7 @@ def main() -> int:
                     row = {"model": fp32_row["model"], "method": method, "w_bits": w, "a_bits": a, "seed": seed,
                            "metric": "mAP", "value": metrics["det/mAP"], "fp32": fp32["det/mAP"],
                            "seconds": outcome.seconds, "recipe": spec, "range_search": outcome.report.selection,
+                           "judge_frames": outcome.report.judge_frames,
                            "bias_correction": {**outcome.report.bias_correction_loss,
                                                "kept": bool(outcome.report.bias_corrections)},
                            "reconstruction": {**outcome.report.recon_loss, "kept": outcome.report.recon_kept}}

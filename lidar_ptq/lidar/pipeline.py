@@ -11,9 +11,9 @@
 
 Stages 3 and 4 are one call of the generic reconstruction core: TGPL without
 adaptive rounding learns the activation step sizes with nearest rounding. Not in the
-paper: input equalization before calibration and bias correction after
+paper: input equalization before calibration and bias correction before
 reconstruction; reconstruction and bias correction are each kept only if they
-lower the TGPL error on the calibration frames.
+lower the TGPL error on calibration frames held out of their fitting.
 Quantizers are symmetric with zero point 0 (per-channel weights, per-tensor
 activations), as TensorRT's explicit INT8 requires.
 """
@@ -66,6 +66,10 @@ class PTQRecipe:
     # With bias correction on, each quant candidate is also judged after a correction measured on its
     # first ``search_bias_frames`` calibration frames (None: all), since the correction reorders them.
     search_bias_frames: int | None = 4
+    # The guard's judge: the last ``judge_fraction`` of the calibration batches are kept out of bias
+    # correction and reconstruction and the select loss is measured on them alone (0: judge on every
+    # calibration frame, the frames the stages were fitted to, which favours reconstruction).
+    judge_fraction: float = 0.0
 
 
 @dataclass
@@ -101,6 +105,9 @@ class LidarPTQConfig:
     grid_candidates: tuple[str, ...] = ("maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99",
                                         "maxmin@all", "lp2@all", "lp3@all", "pct99.99@all")
     search_bias_frames: int | None = 4
+    # Bias correction and reconstruction are each kept only if they lower TGPL on calibration frames
+    # they were not fitted to: this fraction of the calibration batches is held out for that verdict.
+    judge_fraction: float = 0.25
     tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
     tgpl_weight: float = 1.0
     occupancy_source: str | None = None  # module whose output is the scattered BEV map (occupancy mask)
@@ -156,7 +163,7 @@ class LidarPTQConfig:
                                       if candidates or self.bias_correction or self.recon_config() else None),
                          equalize=tuple(self.equalize_patterns) if self.equalize_inputs else (),
                          equalize_alpha=self.equalize_alpha, bias_correction=self.bias_correction,
-                         search_bias_frames=self.search_bias_frames)
+                         search_bias_frames=self.search_bias_frames, judge_fraction=self.judge_fraction)
 
 
 @dataclass
@@ -170,6 +177,7 @@ class LidarPTQReport:
     bias_correction_loss: dict[str, float] = field(default_factory=dict)  # select_loss "before"/"after" it
     recon_loss: dict[str, float] = field(default_factory=dict)  # select_loss "before"/"after" reconstruction
     recon_kept: bool = True  # False: reconstruction raised select_loss and was undone
+    judge_frames: int = 0  # frames the guard judged on (held out of bias correction and reconstruction)
 
 
 def frames_in(batch: Any) -> int:
@@ -217,27 +225,48 @@ def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe,
     if recipe.equalize:
         equalize_inputs(model, recipe.equalize, data, recipe.equalize_alpha)
     missing = _calibrate(model, data, recipe, occupancy_source)
-    judge = TaskJudge(model, data, recipe.select_loss) if recipe.select_loss is not None else None
+    fit_data, judge_data = split_for_judge(data, recipe.judge_fraction if recipe.select_loss is not None else 0.0)
+    judge = TaskJudge(model, judge_data, recipe.select_loss) if recipe.select_loss is not None else None
     # Bias correction first: a closed-form fix of the systematic shift that reconstruction then refines
     # (and must beat). Its corrections stay bias_shift buffers, added only by quantized forwards, until the
     # end, so reconstruction's FLOAT-mode reference is still the float model.
     corrections, bc_loss = {}, {}
     if recipe.bias_correction:
         corrections, bc_loss, bc_kept = guarded("bias correction", judge,
-                                                lambda: correct_biases(model, data, fold=False),
+                                                lambda: correct_biases(model, fit_data, fold=False),
                                                 lambda: drop_bias_shifts(model))
         corrections = corrections if bc_kept else {}
     report, recon_loss, recon_kept = None, {}, True
     if recipe.recon is not None:
         saved = copy.deepcopy(model.state_dict()) if judge is not None else {}
         report, recon_loss, recon_kept = guarded("reconstruction", judge,
-                                                 lambda: reconstruct(model, data, recipe.recon),
+                                                 lambda: reconstruct(model, fit_data, recipe.recon),
                                                  lambda: _restore(model, saved))
     fold_bias_shifts(model)
     if freeze_weights and report is not None:
         freeze(model)
     return LidarPTQReport(recipe, missing, report, sum(frames_in(b) for b in data), selection, corrections,
-                          bc_loss, recon_loss, recon_kept)
+                          bc_loss, recon_loss, recon_kept,
+                          judge_frames=sum(frames_in(b) for b in judge_data) if judge is not None else 0)
+
+
+def split_for_judge(data: list[Any], fraction: float) -> tuple[list[Any], list[Any]]:
+    """(batches to fit bias correction and reconstruction on, batches to judge them on). With
+    ``fraction`` 0 both are every batch; else the last ``fraction`` of the batches (at least one) are
+    held out, so a stage that merely fits its own frames better is not mistaken for a better model. A
+    single batch cannot be split: it does both, with a warning (a smoke run on one frame)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"judge_fraction={fraction} must be in [0, 1): the share of calibration batches held out "
+                         "to judge bias correction and reconstruction")
+    if fraction == 0.0:
+        return data, data
+    if len(data) < 2:
+        logger.warning("one calibration batch: bias correction and reconstruction are judged on the frames "
+                       "they fit (judge_fraction=%s needs 2 or more batches: more calib_frames or a smaller "
+                       "batch)", fraction)
+        return data, data
+    held = min(len(data) - 1, max(1, round(fraction * len(data))))
+    return data[:-held], data[-held:]
 
 
 def _calibrate(model: nn.Module, data: list[Any], recipe: PTQRecipe, occupancy_source: str | None,
@@ -254,7 +283,7 @@ def _task_loss(model: nn.Module, data: list[Any], float_outputs: list[Any], loss
 
 class TaskJudge:
     """The select loss of the model's current quantized output against its float output, on the
-    calibration frames. Float outputs are taken once, right after calibration: reconstruction and bias
+    judging frames (``split_for_judge``). Float outputs are taken once, right after calibration: reconstruction and bias
     correction are both judged against the untouched float model (and a FLOAT-mode pass later would
     see a corrected bias)."""
 
@@ -301,7 +330,7 @@ def guarded(stage: str, judge: TaskJudge | None, apply: Callable[[], Result], un
         return result, losses, True
     undo()
     judge.restored(before)
-    logger.warning("%s undone: it raised the task loss on the calibration frames %.4g -> %.4g",
+    logger.warning("%s undone: it raised the task loss on the judging frames %.4g -> %.4g",
                    stage, before, after)
     return result, losses, False
 

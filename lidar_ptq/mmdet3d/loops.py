@@ -79,7 +79,8 @@ class PTQLoop(TestLoop):
         seconds["eval_int8"] = time.perf_counter() - start
         export = self._export() if self.export_dir and is_main_process() else None
         self.metrics = {"recipe": result.recipe.name, "recipe_spec": result.recipe.source,
-                        "calib_frames": result.report.frames, "tgpl": result.tgpl,
+                        "calib_frames": result.report.frames, "judge_frames": result.report.judge_frames,
+                        "tgpl": result.tgpl,
                         "range_search": result.report.selection,
                         "bias_correction": {**result.report.bias_correction_loss,
                                             "layers": len(result.report.bias_corrections)},
