@@ -225,7 +225,7 @@ def test_guard_judges_on_frames_held_out_of_bias_correction_and_reconstruction(m
     for name, fake in {"correct_biases": correct_biases, "reconstruct": reconstruct, "_task_loss": task_loss}.items():
         monkeypatch.setattr(pipeline, name, fake)
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, grid_search=False, recon={"iterations": 5, "progress": False},
-                         calib_frames=8)
+                         calib_frames=8, judge_fraction=0.25)
     report = run_lidar_ptq(TinyBEVDetector().eval(), data, cfg)
     assert fitted["bc"] == data[:3] and fitted["recon"] == data[:3]
     assert judged and all(batches == data[3:] for batches in judged)

@@ -5,7 +5,9 @@ the LiDAR-PTQ ablation (ablation:maxmin = sparse max-min ranges, +equalize = inp
 pillar encoder, +bias_correction = empirical bias correction (both not in the paper), +grid = task-guided
 search of the clipping range,
 +tgpl = TGPL-driven activation steps, +rounding = adaptive rounding, i.e. full LiDAR-PTQ;
-ablation:dense = full LiDAR-PTQ with ranges over every site instead of the non-empty ones);
+ablation:dense = full LiDAR-PTQ with ranges over every site instead of the non-empty ones,
+ablation:judge-heldout = full LiDAR-PTQ whose guard judges on calibration frames held out of bias
+correction and reconstruction);
 W4A8: maxmin, qdrop, lidar_ptq; W8A4 (a stress test beyond the paper's settings, where even the robust
 voxel model separates the methods): maxmin, percentile, lidar_ptq. Every method sees the same
 calibration frames and the same reconstruction budget. Rows are appended to benchmarks/lidar.json as
@@ -54,7 +56,10 @@ ABLATION = {"ablation:maxmin": dict(equalize_inputs=False, bias_correction=False
             "ablation:+grid": dict(tgpl=False, adaptive_rounding=False),
             "ablation:+tgpl": dict(adaptive_rounding=False),
             "ablation:+rounding": dict(adaptive_rounding=True),  # LiDAR-PTQ's default
-            "ablation:dense": dict(sparse_calibration=False)}  # LiDAR-PTQ with ranges over every site, empty too
+            "ablation:dense": dict(sparse_calibration=False),  # LiDAR-PTQ with ranges over every site, empty too
+            # LiDAR-PTQ whose guard judges bias correction and reconstruction on a quarter of the
+            # calibration frames held out of both instead of on every calibration frame
+            "ablation:judge-heldout": dict(judge_fraction=0.25)}
 EQUALIZE = ["*voxel_encoder*"]  # "<method>+equalize": a baseline with LiDAR-PTQ's input equalization
 ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize",
                             "percentile+equalize+bias_correction", "brecq", "qdrop", "lidar_ptq", *ABLATION)] + \
