@@ -69,7 +69,7 @@ class PTQRecipe:
     search_bias_frames: int | None = 4
     # The guard's judge: the last ``judge_fraction`` of the calibration batches are kept out of bias
     # correction and reconstruction and the select loss is measured on them alone (0: judge on every
-    # calibration frame, the frames the stages were fitted to, which favours reconstruction).
+    # calibration frame, the frames the stages were also fitted to).
     judge_fraction: float = 0.0
 
 
