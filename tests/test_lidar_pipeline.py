@@ -146,8 +146,8 @@ def test_reconstruction_is_undone_when_it_raises_the_task_loss(monkeypatch, sabo
     run_lidar_ptq(calibrated, data, LidarPTQConfig(**stages, tgpl=False, adaptive_rounding=False))
     real = pipeline.reconstruct
 
-    def reconstruct(model, batches, cfg):
-        report = real(model, batches, cfg)
+    def reconstruct(model, batches, cfg, **kwargs):
+        report = real(model, batches, cfg, **kwargs)
         if sabotage:  # activation steps 8x too coarse: the task loss must rise
             for q in model.modules():
                 if isinstance(q, FakeQuantizer) and q.channel_axis is None and q.scale.numel():
@@ -175,7 +175,7 @@ def test_reconstruction_sees_the_untouched_float_model():
     data = [sparse_bev(s) for s in range(4)]
     seen = []
 
-    def reconstruct(model, batches, cfg):
+    def reconstruct(model, batches, cfg, **kwargs):
         with torch.no_grad(), temporary_quant_mode(model, QuantMode.FLOAT):
             seen.append(model(data[0]))
     model = copy.deepcopy(float_model)
@@ -215,9 +215,9 @@ def test_guard_judges_on_frames_held_out_of_bias_correction_and_reconstruction(m
         fitted["bc"] = list(batches)
         return real_bc(model, batches, **kwargs)
 
-    def reconstruct(model, batches, cfg):
+    def reconstruct(model, batches, cfg, **kwargs):
         fitted["recon"] = list(batches)
-        return real_recon(model, batches, cfg)
+        return real_recon(model, batches, cfg, **kwargs)
 
     def task_loss(model, batches, float_outputs, loss):
         judged.append(list(batches))

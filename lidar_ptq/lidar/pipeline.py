@@ -38,7 +38,10 @@ from ..quant.equalize import equalize_inputs
 from ..quant.quantizer import QuantMode, temporary_quant_mode
 from ..recon.cache import is_sparse_tensor
 from ..recon.engine import ReconConfig, ReconReport, freeze, reconstruct
+from .checkpoints import StageCheckpoints
 from .occupancy import OccupancyMask
+from .range_search import candidate_specs, collect_candidate_ranges, judge_candidates, task_loss
+from .stage_log import StageLog
 from .tgpl import TaskGuidedPositiveLoss, TGPLConfig
 
 logger = logging.getLogger(__name__)
@@ -182,6 +185,7 @@ class LidarPTQReport:
     recon_loss: dict[str, float] = field(default_factory=dict)  # select_loss "before"/"after" reconstruction
     recon_kept: bool = True  # False: reconstruction raised select_loss and was undone
     judge_frames: int = 0  # frames the guard judged on (held out of bias correction and reconstruction)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: seconds, forwards, peak_rss_mb
 
 
 def frames_in(batch: Any) -> int:
@@ -215,43 +219,101 @@ def take_frames(calib_data: Iterable[Any], frames: int) -> list[Any]:
 
 
 def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe,
-            occupancy_source: str | None = None, freeze_weights: bool = True) -> LidarPTQReport:
+            occupancy_source: str | None = None, freeze_weights: bool = True, resume_dir: str | None = None,
+            stages: StageLog | None = None) -> LidarPTQReport:
     """Quantize ``model`` in place with ``recipe``: quantize, calibrate (over the BEV occupancy of
-    ``occupancy_source`` when the recipe calibrates sparsely), reconstruct, correct biases, freeze the
-    rounding. With a ``select_loss``, reconstruction and bias correction are each kept only if they lower
+    ``occupancy_source`` when the recipe calibrates sparsely; every range candidate from the same pass),
+    search the ranges, correct biases, reconstruct, freeze the rounding. With a ``select_loss``, the
+    range search picks by it, and reconstruction and bias correction are each kept only if they lower
     it against the float outputs. With an output loss (TGPL), ``model(batch)`` must return the detection
-    head outputs."""
+    head outputs. With ``resume_dir`` every finished stage is saved there, and a run killed part-way
+    resumes after its last finished stage (reconstruction: after its last finished unit) with the same
+    result. ``stages`` collects each stage's time, forwards and memory (also in the report)."""
+    log = stages or StageLog()
+    log.watch(model)
+    try:
+        return _run_stages(model, calib_data, recipe, occupancy_source, freeze_weights, resume_dir, log)
+    finally:
+        log.close()
+
+
+def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, occupancy_source: str | None,
+                freeze_weights: bool, resume_dir: str | None, log: StageLog) -> LidarPTQReport:
     data = take_frames(calib_data, recipe.calib_frames)
-    quant, selection = recipe.quant, {}
-    if recipe.quant_candidates and recipe.select_loss is not None:
-        quant, selection = select_quant_config(model, data, recipe, occupancy_source)
-    quantize(model, quant)
-    if recipe.equalize:
-        equalize_inputs(model, recipe.equalize, data, recipe.equalize_alpha)
-    missing = _calibrate(model, data, recipe, occupancy_source)
+    occupancy = occupancy_source if recipe.sparse_calibration else None
+    search = bool(recipe.quant_candidates) and recipe.select_loss is not None
+    saved = StageCheckpoints(resume_dir, recipe, data)
     fit_data, judge_data = split_for_judge(data, recipe.judge_fraction if recipe.select_loss is not None else 0.0)
-    judge = TaskJudge(model, judge_data, recipe.select_loss) if recipe.select_loss is not None else None
+    selection: dict[str, float] = {}
+    ranges_state = saved.load("ranges")
+    with log.stage("calibration"):
+        if ranges_state is not None:
+            quantize(model, ranges_state["quant"])
+            model.load_state_dict(ranges_state["state"])
+            missing, selection = ranges_state["uncalibrated"], ranges_state["selection"]
+        else:
+            quantize(model, recipe.quant)
+            if recipe.equalize:
+                equalize_inputs(model, recipe.equalize, data, recipe.equalize_alpha)
+            if search:
+                specs = candidate_specs(model, recipe.quant, recipe.quant_candidates)
+                ranges = collect_candidate_ranges(model, data, specs, occupancy)
+                missing = ranges.uncalibrated
+            else:
+                missing = _calibrate(model, data, recipe, occupancy)
+    judge = None
+    if recipe.select_loss is not None:
+        with log.stage("float outputs"):
+            judge = TaskJudge(model, data, judge_data, recipe.select_loss, log)
+    if ranges_state is None:
+        quant = recipe.quant
+        if search:
+            with log.stage("range search"):
+                bias_data = (data[:recipe.search_bias_frames] if recipe.search_bias_frames else data)
+                selection = judge_candidates(model, ranges, data, judge.outputs_for(data), recipe.select_loss,
+                                             bias_data if recipe.bias_correction else None)
+                best = min(selection, key=selection.get)
+                ranges.apply(model, best)
+                quant = recipe.quant_candidates[best]
+                logger.info("task-guided range search: %s -> %s",
+                            ", ".join(f"{k} {v:.4g}" for k, v in selection.items()), best)
+        saved.save("ranges", {"quant": quant, "state": model.state_dict(), "uncalibrated": missing,
+                              "selection": selection})
     # Bias correction first: a closed-form fix of the systematic shift that reconstruction then refines
     # (and must beat). Its corrections stay bias_shift buffers, added only by quantized forwards, until the
     # end, so reconstruction's FLOAT-mode reference is still the float model.
-    corrections, bc_loss = {}, {}
-    if recipe.bias_correction:
-        corrections, bc_loss, bc_kept = guarded("bias correction", judge,
-                                                lambda: correct_biases(model, fit_data, fold=False),
-                                                lambda: drop_bias_shifts(model))
+    corrections, bc_loss, bc_kept = {}, {}, False
+    bc_state = saved.load("bias_correction")
+    if bc_state is not None:
+        model.load_state_dict(bc_state["state"])
+        corrections, bc_loss, bc_kept = bc_state["corrections"], bc_state["loss"], bc_state["kept"]
+        if judge is not None and bc_loss:
+            judge.restored(bc_loss["after"] if bc_kept else bc_loss["before"])
+    elif recipe.bias_correction:
+        with log.stage("bias correction"):
+            corrections, bc_loss, bc_kept = guarded(
+                "bias correction", judge,
+                lambda: correct_biases(model, fit_data, fold=False, frames=frames_in), lambda: drop_bias_shifts(model))
         corrections = corrections if bc_kept else {}
+        saved.save("bias_correction", {"state": model.state_dict(), "corrections": corrections, "loss": bc_loss,
+                                       "kept": bc_kept})
     report, recon_loss, recon_kept = None, {}, True
     if recipe.recon is not None:
-        saved = copy.deepcopy(model.state_dict()) if judge is not None else {}
-        report, recon_loss, recon_kept = guarded("reconstruction", judge,
-                                                 lambda: reconstruct(model, fit_data, recipe.recon),
-                                                 lambda: _restore(model, saved))
-    fold_bias_shifts(model)
-    if freeze_weights and report is not None:
-        freeze(model)
+        recon_cfg = saved.recon_config(recipe.recon)
+        before = copy.deepcopy(model.state_dict()) if judge is not None else {}
+        float_outputs = judge.outputs_for(fit_data) if judge is not None and recon_cfg.output_loss else None
+        with log.stage("reconstruction"):
+            report, recon_loss, recon_kept = guarded(
+                "reconstruction", judge, lambda: reconstruct(model, fit_data, recon_cfg, float_outputs=float_outputs),
+                lambda: _restore(model, before))
+    with log.stage("freezing"):
+        fold_bias_shifts(model)
+        if freeze_weights and report is not None:
+            freeze(model)
     return LidarPTQReport(recipe, missing, report, sum(frames_in(b) for b in data), selection, corrections,
                           bc_loss, recon_loss, recon_kept,
-                          judge_frames=sum(frames_in(b) for b in judge_data) if judge is not None else 0)
+                          judge_frames=sum(frames_in(b) for b in judge_data) if judge is not None else 0,
+                          stages=log.rows())
 
 
 def split_for_judge(data: list[Any], fraction: float) -> tuple[list[Any], list[Any]]:
@@ -273,33 +335,38 @@ def split_for_judge(data: list[Any], fraction: float) -> tuple[list[Any], list[A
     return data[:-held], data[-held:]
 
 
-def _calibrate(model: nn.Module, data: list[Any], recipe: PTQRecipe, occupancy_source: str | None,
-               progress: bool = True) -> list[str]:
-    use_occupancy = occupancy_source is not None and recipe.sparse_calibration
-    with OccupancyMask(model, occupancy_source) if use_occupancy else nullcontext():
-        return calibrate(model, data, progress=progress)
+def _calibrate(model: nn.Module, data: list[Any], recipe: PTQRecipe, occupancy_source: str | None) -> list[str]:
+    with OccupancyMask(model, occupancy_source) if occupancy_source is not None else nullcontext():
+        return calibrate(model, data)
 
 
-@torch.no_grad()
-def _task_loss(model: nn.Module, data: list[Any], float_outputs: list[Any], loss: Any) -> float:
-    return sum(float(loss(call_model(model, b), f, b)) for b, f in zip(data, float_outputs)) / len(data)
+_task_loss = task_loss  # the judge's measure (a module attribute, so tests can watch it)
 
 
 class TaskJudge:
     """The select loss of the model's current quantized output against its float output, on the
-    judging frames (``split_for_judge``). Float outputs are taken once, right after calibration: reconstruction and bias
-    correction are both judged against the untouched float model (and a FLOAT-mode pass later would
-    see a corrected bias)."""
+    judging frames (``split_for_judge``). Float outputs of every calibration batch are taken once, right
+    after calibration, and serve the range search, the guards and reconstruction's output loss alike:
+    all are judged against the untouched float model (a FLOAT-mode pass later would see a corrected bias)."""
 
-    def __init__(self, model: nn.Module, data: list[Any], loss: Any) -> None:
-        self.model, self.data, self.loss = model, data, loss
+    def __init__(self, model: nn.Module, data: list[Any], judge_data: list[Any], loss: Any,
+                 stages: StageLog | None = None) -> None:
+        self.model, self.data, self.loss, self.stages = model, judge_data, loss, stages
         with torch.no_grad(), temporary_quant_mode(model, QuantMode.FLOAT):
-            self.float_outputs = [call_model(model, b) for b in data]
+            self._outputs = [call_model(model, b) for b in tqdm(data, desc="float outputs", unit="batch",
+                                                                  leave=False)]
+        self._index = {id(b): i for i, b in enumerate(data)}
+        self.float_outputs = self.outputs_for(judge_data)
         self._current: float | None = None  # the loss of the model as it stands, when known
+
+    def outputs_for(self, batches: list[Any]) -> list[Any]:
+        """The float outputs of these calibration batches (computed once)."""
+        return [self._outputs[self._index[id(b)]] for b in batches]
 
     def current(self) -> float:
         if self._current is None:
-            self._current = _task_loss(self.model, self.data, self.float_outputs, self.loss)
+            with self.stages.stage("guard") if self.stages is not None else nullcontext():
+                self._current = _task_loss(self.model, self.data, self.float_outputs, self.loss)
         return self._current
 
     def changed(self) -> None:
@@ -342,32 +409,6 @@ def guarded(stage: str, judge: TaskJudge | None, apply: Callable[[], Result], un
 def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     freeze(model)  # drops the learned roundings, so the module tree matches the saved state again
     model.load_state_dict(state)
-
-
-@torch.no_grad()
-def select_quant_config(model: nn.Module, data: list[Any], recipe: PTQRecipe, occupancy_source: str | None
-                        ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Calibrate a copy of the (float) model with each candidate config; keep the one whose output is
-    closest to the float output under ``recipe.select_loss`` on the calibration frames. With bias
-    correction in the recipe a candidate scores the better of its loss without and with a correction
-    measured on ``recipe.search_bias_frames`` frames (the pipeline's guard later decides on all frames)."""
-    float_outputs = [call_model(model, batch) for batch in data]
-    scores: dict[str, float] = {}
-    bias_data = data[:recipe.search_bias_frames] if recipe.search_bias_frames else data
-    for name, candidate in tqdm(recipe.quant_candidates.items(), desc="range search", unit="rule"):
-        trial = copy.deepcopy(model)
-        quantize(trial, candidate)
-        if recipe.equalize:
-            equalize_inputs(trial, recipe.equalize, data, recipe.equalize_alpha)
-        _calibrate(trial, data, recipe, occupancy_source, progress=False)
-        scores[name] = _task_loss(trial, data, float_outputs, recipe.select_loss)
-        if recipe.bias_correction:
-            correct_biases(trial, bias_data, progress=False, fold=False)
-            scores[name] = min(scores[name], _task_loss(trial, data, float_outputs, recipe.select_loss))
-        del trial
-    best = min(scores, key=scores.get)
-    logger.info("task-guided range search: %s -> %s", ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), best)
-    return recipe.quant_candidates[best], scores
 
 
 def run_lidar_ptq(model: nn.Module, calib_data: Iterable[Any], config: LidarPTQConfig | None = None) -> LidarPTQReport:

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..batches import StopForward, run_batches
+from ..batches import call_model
 from .modules import QuantModuleMixin
 from .quantizer import QuantMode, temporary_quant_mode
 
@@ -43,50 +45,176 @@ def correctable_layers(model: nn.Module, patterns: Sequence[str] = ("*",)) -> di
             and any(fnmatch.fnmatchcase(name, p) for p in patterns)}
 
 
-class _ChannelMeans:
-    """Running per-output-channel sums of the hooked layers' outputs (bounded memory: C numbers each)."""
+def _channel_sums(module: QuantModuleMixin, output: Any) -> tuple[torch.Tensor, int] | None:
+    """Per-output-channel sum (float64) and row count of a layer's output; None for non-tensor outputs."""
+    features = _output_features(output)
+    if features is None:
+        return None
+    axis = module.feature_axis % features.dim()
+    flat = features.detach().movedim(axis, -1).reshape(-1, features.shape[axis]).double()
+    return flat.sum(0), flat.shape[0]
 
-    def __init__(self, layers: dict[str, QuantModuleMixin], stop_after: str | None = None) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.order: list[str] = []
-        self.calls: dict[str, int] = {}
-        self.stop_after = stop_after
-        self.handles = [m.register_forward_hook(lambda mod, args, out, _n=name: self._record(mod, out, _n))
-                        for name, m in layers.items()]
 
-    def _record(self, module: QuantModuleMixin, output: Any, name: str) -> None:
-        features = _output_features(output)
-        if features is None:
-            return
-        axis = module.feature_axis % features.dim()
-        flat = features.detach().movedim(axis, -1).reshape(-1, features.shape[axis]).double()
-        self.sums[name] = self.sums.get(name, 0) + flat.sum(0)
-        self.counts[name] = self.counts.get(name, 0) + flat.shape[0]
-        self.calls[name] = self.calls.get(name, 0) + 1
+@dataclass
+class ChannelMeans:
+    """Per-output-channel means of some layers over a set of batches, and how they ran.
+
+    ``order`` is the execution order (first call), ``calls`` the number of calls per batch: a layer
+    called exactly once in every batch is corrected in lockstep, others at the end of a pass."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    calls: dict[str, list[int]] = field(default_factory=dict)
+    def add(self, name: str, sums: torch.Tensor, count: int) -> None:
+        self.sums[name] = self.sums[name] + sums if name in self.sums else sums
+        self.counts[name] = self.counts.get(name, 0) + count
         if name not in self.order:
             self.order.append(name)
-        if name == self.stop_after:
-            raise StopForward
 
     def means(self) -> dict[str, torch.Tensor]:
         return {name: total / max(self.counts[name], 1) for name, total in self.sums.items()}
 
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
-def _measure(model: nn.Module, layers: dict[str, QuantModuleMixin], data: list[Any], mode: QuantMode,
-             stop_after: str | None = None) -> _ChannelMeans:
-    stats = _ChannelMeans(layers, stop_after)
+@torch.no_grad()
+def channel_means(model: nn.Module, layers: dict[str, QuantModuleMixin], data: Sequence[Any],
+                  mode: QuantMode = QuantMode.FLOAT) -> ChannelMeans:
+    """One pass over ``data`` in ``mode``: each layer's per-channel output mean, order and call counts."""
+    stats = ChannelMeans()
+    batch_calls: dict[str, int] = {}
+
+    def record(module: QuantModuleMixin, output: Any, name: str) -> None:
+        measured = _channel_sums(module, output)
+        if measured is not None:
+            batch_calls[name] = batch_calls.get(name, 0) + 1
+            stats.add(name, *measured)
+
+    handles = [m.register_forward_hook(lambda mod, args, out, _n=name: record(mod, out, _n))
+               for name, m in layers.items()]
     try:
-        with torch.no_grad(), temporary_quant_mode(model, mode):
-            run_batches(model, data)
+        with temporary_quant_mode(model, mode):
+            for index, batch in enumerate(data):
+                batch_calls.clear()
+                call_model(model, batch)
+                for name in set(batch_calls) | set(stats.calls):
+                    stats.calls.setdefault(name, [0] * index).append(batch_calls.get(name, 0))
     finally:
-        stats.close()
+        for handle in handles:
+            handle.remove()
     return stats
 
+
+class _Lockstep:
+    """Quantized forwards of several batches advanced together, one correctable layer at a time.
+
+    Each batch runs in its own thread, but a single baton lets only one compute at a time (deterministic,
+    and every op keeps the machine's intra-op threads). At a layer's output a batch records its
+    per-channel sums and waits; the last batch to arrive turns the sums of all into the layer's
+    correction, then every batch recomputes the layer with it and goes on. So each layer is measured with
+    every earlier layer already corrected, as in a pass per layer, at the cost of two passes. The
+    ``measure`` layer (one called several times per forward) is only measured, over all its calls.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, QuantModuleMixin], data: Sequence[Any],
+                 correct: Callable[[str, torch.Tensor, int], None], bar: Any,
+                 measure: tuple[str, QuantModuleMixin] | None = None) -> None:
+        self.model, self.layers, self.data, self.correct, self.bar = model, layers, data, correct, bar
+        self.measure = measure
+        self.measured: list[list[tuple[torch.Tensor, int]]] = [[] for _ in data]  # the measured layer, per batch
+        self.baton = threading.Condition(threading.Lock())
+        self.local = threading.local()
+        self.slots: dict[str, list[Any]] = {name: [None] * len(data) for name in layers}
+        self.done: set[str] = set()
+        self.waiting: dict[str, int] = {}  # batches waiting at each layer
+        self.running = len(data)  # batches not waiting (started or not, unfinished)
+        self.error: BaseException | None = None
+
+    def _measure_hook(self, module: QuantModuleMixin, output: Any) -> None:
+        index = getattr(self.local, "index", None)
+        measured = _channel_sums(module, output)
+        if index is not None and measured is not None:
+            self.measured[index].append(measured)
+
+    def _hook(self, module: QuantModuleMixin, args: tuple, kwargs: dict, output: Any, name: str) -> Any:
+        index = getattr(self.local, "index", None)
+        if index is None:  # a forward outside the lockstep (e.g. the model called by another thread)
+            return None
+        measured = _channel_sums(module, output)
+        if measured is None:
+            raise TypeError(f"bias correction of {name}: its output is not a tensor")
+        slots = self.slots[name]
+        slots[index] = measured
+        if all(slot is not None for slot in slots):
+            self.correct(name, sum(slot[0] for slot in slots), sum(slot[1] for slot in slots))
+            self.slots[name] = []  # frees the sums
+            self.done.add(name)
+            self.running += self.waiting.pop(name, 0)  # the waiters can go on
+            self.bar.update(1)
+            self.baton.notify_all()
+        else:
+            self.running -= 1
+            self.waiting[name] = self.waiting.get(name, 0) + 1
+            if self.running == 0:  # every batch waits at a different layer: their orders differ
+                self.error = RuntimeError(
+                    "bias correction: the calibration batches run the quantized layers in different orders "
+                    f"(stuck at {name}); pass batches of one kind of input")
+                self.baton.notify_all()
+            while name not in self.done and self.error is None:
+                self.baton.wait()
+            if self.error is not None:
+                raise _Aborted
+        return module.forward(*args, **kwargs)  # the layer again, now with its correction
+
+    def _run(self, index: int) -> None:
+        self.local.index = index
+        with self.baton:
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    call_model(self.model, self.data[index])
+            except _Aborted:
+                pass
+            except BaseException as err:  # handed to the caller's thread
+                if self.error is None:
+                    self.error = err
+            finally:
+                self.running -= 1
+                self.baton.notify_all()
+
+    def run(self) -> None:
+        handles = [m.register_forward_hook(lambda mod, a, k, out, _n=name: self._hook(mod, a, k, out, _n),
+                                           with_kwargs=True) for name, m in self.layers.items()]
+        if self.measure is not None:
+            handles.append(self.measure[1].register_forward_hook(lambda mod, a, out: self._measure_hook(mod, out)))
+        try:
+            with temporary_quant_mode(self.model, QuantMode.QUANTIZE):
+                threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(self.data))]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if self.error is not None:
+            raise self.error
+
+
+def _segments(order: list[str], calls: dict[str, list[int]]) -> list[tuple[list[str], str | None]]:
+    """Execution order cut after every layer not called exactly once per batch: (layers met in lockstep,
+    then the layer measured over all its calls in the same pass, or None)."""
+    segments: list[tuple[list[str], str | None]] = [([], None)]
+    for name in order:
+        if all(c == 1 for c in calls[name]):
+            segments[-1][0].append(name)
+        else:
+            segments[-1] = (segments[-1][0], name)
+            segments.append(([], None))
+    return [seg for seg in segments if seg[0] or seg[1]]
+
+
+class _Aborted(Exception):
+    """Unwinds a waiting batch's forward after another batch failed."""
 
 def fold_bias_shifts(model: nn.Module) -> int:
     """Add every layer's pending ``bias_shift`` into its bias (what an engine runs); returns how many."""
@@ -107,15 +235,47 @@ def drop_bias_shifts(model: nn.Module) -> None:
             module._buffers.pop("bias_shift", None)
 
 
+def _add_shift(layer: QuantModuleMixin, name: str, error: torch.Tensor) -> float:
+    """Subtract a measured mean error from the layer's pending ``bias_shift``; returns its largest entry."""
+    error = error.to(layer.bias.dtype)
+    if not torch.isfinite(error).all():
+        raise FloatingPointError(f"bias correction of {name}: the quantized output mean is not finite; "
+                                 "check the calibration (uncalibrated or zero-range quantizers)")
+    if "bias_shift" not in layer._buffers:
+        layer.register_buffer("bias_shift", torch.zeros_like(layer.bias.detach()))
+    layer.bias_shift.sub_(error.to(layer.bias.device))
+    return float(error.abs().max())
+
+
+def frame_groups(data: Sequence[Any], frames: Callable[[Any], int], max_frames: int) -> list[list[Any]]:
+    """Consecutive groups of batches holding at most ``max_frames`` frames each (at least one batch)."""
+    groups: list[list[Any]] = [[]]
+    held = 0
+    for batch in data:
+        n = frames(batch)
+        if groups[-1] and held + n > max_frames:
+            groups.append([])
+            held = 0
+        groups[-1].append(batch)
+        held += n
+    return groups
+
+
 def correct_biases(model: nn.Module, data: Iterable[Any], patterns: Sequence[str] = ("*",),
-                   progress: bool = True, fold: bool = True) -> dict[str, float]:
+                   progress: bool = True, fold: bool = True, reference: ChannelMeans | None = None,
+                   group_frames: int = 16, frames: Callable[[Any], int] = lambda batch: 1) -> dict[str, float]:
     """Correct the bias of every quantized layer matching ``patterns`` (after calibration).
 
-    Returns each corrected layer's largest absolute change, for the report. One float pass
-    gives the reference means and the execution order; then one quantized pass per layer,
-    stopped as soon as that layer has run. The corrections are kept as ``bias_shift`` buffers
-    that only quantized forwards add, so a later stage (reconstruction) still sees the float
-    model in FLOAT mode; ``fold`` adds them into the biases at the end (``fold_bias_shifts``).
+    Returns each corrected layer's largest absolute change, for the report. One float pass gives the
+    reference means (``reference`` passes them in, e.g. shared by several range candidates, when the
+    data is one group); then one lockstep quantized pass (``_Lockstep``) corrects the layers in
+    execution order, each measured with the earlier ones corrected: two passes in all, whatever the
+    depth. Batches go through the lockstep in groups of at most ``group_frames`` frames (``frames``
+    counts a batch's), which bounds memory; a later group refines each correction by its own residual
+    error, weighted by its share of the frames seen so far (with one group the result is that of a
+    separate pass per layer). The corrections are kept as ``bias_shift`` buffers that only quantized
+    forwards add, so a later stage (reconstruction) still sees the float model in FLOAT mode; ``fold``
+    adds them into the biases at the end (``fold_bias_shifts``).
     """
     data = list(data)
     if not data:
@@ -124,26 +284,46 @@ def correct_biases(model: nn.Module, data: Iterable[Any], patterns: Sequence[str
     if not layers:
         logger.info("bias correction: no quantized layer with a bias matches %s", list(patterns))
         return {}
-    reference = _measure(model, layers, data, QuantMode.FLOAT)
-    target = reference.means()
-    skipped = sorted(set(layers) - set(target))
+    groups = frame_groups(data, frames, group_frames)
+    if reference is not None and len(groups) > 1:
+        raise ValueError("a shared float reference serves one lockstep group: raise group_frames or drop it")
+    changes: dict[str, float] = {}
+    whole = ChannelMeans()  # float means over every group, for layers corrected after the passes
+    seen = 0
+    bar = tqdm(total=len(layers) * len(groups), desc="bias correction", unit="layer", disable=not progress)
+    try:
+        for group in groups:
+            ref = reference if reference is not None else channel_means(model, layers, group, QuantMode.FLOAT)
+            for name in ref.order:
+                whole.add(name, ref.sums[name], ref.counts[name])
+            count = sum(frames(b) for b in group)
+            weight = count / (seen + count)  # later groups: a running mean of the corrections
+            target = ref.means()
+
+            def correct(name: str, sums: torch.Tensor, rows: int, _w: float = weight,
+                        _target: dict[str, torch.Tensor] = target) -> None:
+                error = (sums / max(rows, 1) - _target[name]) * _w
+                changes[name] = max(changes.get(name, 0.0), _add_shift(layers[name], name, error))
+
+            # a layer called more than once per forward needs all its calls measured before it can be
+            # corrected: the pass ends there and the layers after it go through the next one
+            for lockstep, measured in _segments(ref.order, ref.calls):
+                step = _Lockstep(model, {n: layers[n] for n in lockstep}, group, correct, bar,
+                                 (measured, layers[measured]) if measured else None)
+                step.run()
+                if measured is not None:
+                    pairs = [pair for per_batch in step.measured for pair in per_batch]
+                    correct(measured, sum(p[0] for p in pairs), sum(p[1] for p in pairs))
+                    bar.update(1)
+            bar.update(len(layers) - len(ref.order))
+            seen += count
+    finally:
+        bar.close()
+    skipped = sorted(set(layers) - set(whole.order))
     if skipped:
         logger.info("bias correction: %d layer(s) never ran or return no tensor, left as is: %s",
                     len(skipped), skipped[:5])
-    changes: dict[str, float] = {}
-    for name in tqdm(reference.order, desc="bias correction", unit="layer", disable=not progress):
-        layer = layers[name]
-        # a layer called more than once per forward is measured over every call (no early stop)
-        stop = name if reference.calls[name] == len(data) else None
-        measured = _measure(model, {name: layer}, data, QuantMode.QUANTIZE, stop_after=stop).means()[name]
-        error = (measured - target[name]).to(layer.bias.dtype)
-        if not torch.isfinite(error).all():
-            raise FloatingPointError(f"bias correction of {name}: the quantized output mean is not finite; "
-                                     "check the calibration (uncalibrated or zero-range quantizers)")
-        if "bias_shift" not in layer._buffers:
-            layer.register_buffer("bias_shift", torch.zeros_like(layer.bias.detach()))
-        layer.bias_shift.sub_(error.to(layer.bias.device))
-        changes[name] = float(error.abs().max())
+    changes = {name: changes[name] for name in whole.order if name in changes}
     if fold:
         fold_bias_shifts(model)
     return changes

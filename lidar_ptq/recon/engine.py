@@ -386,11 +386,12 @@ def _load_resume(model: nn.Module, units: list[Unit], cfg: ReconConfig) -> tuple
 
 
 def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | None = None,
-                **overrides: Any) -> ReconReport:
+                float_outputs: Sequence[Any] | None = None, **overrides: Any) -> ReconReport:
     """Reconstruct ``model`` (quantized and calibrated) unit by unit on calibration ``data``.
 
     ``data`` is an iterable of batches (tensor, tuple or dict, as for ``calibrate``);
-    it is materialised once since every unit needs it again. Returns per-unit losses.
+    it is materialised once since every unit needs it again. ``float_outputs`` (one per batch) spares
+    the output loss a float pass when the caller has them already. Returns per-unit losses.
     """
     cfg = replace(config or ReconConfig(), **overrides) if overrides else (config or ReconConfig())
     data = list(data)
@@ -412,7 +413,7 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
     report = ReconReport()
     finished, report.units = _load_resume(model, units, cfg)
     report.resumed = list(finished)
-    float_outputs: dict[int, Any] = {}  # float model output per calibration batch (output losses)
+    float_by_batch: dict[int, Any] = dict(enumerate(float_outputs or []))  # float output per batch (output loss)
     groups = shared_input_groups(model, lambda: call_model(model, data[0])) if cfg.tie_shared_inputs else []
     tie(groups)
     try:
@@ -432,7 +433,7 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
                                 cache_dir=cfg.cache_dir) if cfg.input_from == "quantized" else None)
             try:
                 unit_report = _optimise_unit(model, unit, data, replace(cfg, seed=cfg.seed + index), target,
-                                             inputs_q, grads, device, float_outputs)
+                                             inputs_q, grads, device, float_by_batch)
             finally:
                 for c in (target, inputs_q):
                     if c is not None:
