@@ -13,6 +13,7 @@ returns one list of per-task dicts per feature level).
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,10 +59,28 @@ def select_positives(heatmap_logits: torch.Tensor, cfg: TGPLConfig) -> torch.Ten
 
 
 class TaskGuidedPositiveLoss:
-    """``fn(quant_output, float_output, batch) -> scalar``, usable as ``ReconConfig.output_loss``."""
+    """``fn(quant_output, float_output, batch) -> scalar``, usable as ``ReconConfig.output_loss``.
+
+    The float outputs of a run are taken once and judged against many times (range candidates, guards,
+    reconstruction steps), so each float heatmap's positives are selected once and remembered for as
+    long as that heatmap lives."""
 
     def __init__(self, cfg: TGPLConfig | None = None) -> None:
         self.cfg = cfg or TGPLConfig()
+        self._positives: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+    def positives(self, heatmap: torch.Tensor) -> torch.Tensor:
+        """``select_positives`` of a float heatmap, computed once per tensor."""
+        cached = self._positives.get(id(heatmap))
+        if cached is not None and cached[0]() is heatmap:
+            return cached[1]
+        mask = select_positives(heatmap.detach(), self.cfg)
+        self._positives = {k: v for k, v in self._positives.items() if v[0]() is not None}
+        self._positives[id(heatmap)] = (weakref.ref(heatmap), mask)
+        return mask
+
+    def __getstate__(self) -> dict[str, Any]:  # deep copies and pickles carry the settings, not the cache
+        return {"cfg": self.cfg, "_positives": {}}
 
     def __call__(self, quant_output: Any, float_output: Any, batch: Any = None) -> torch.Tensor:
         quant_tasks, float_tasks = task_dicts(quant_output), task_dicts(float_output)
@@ -75,7 +94,7 @@ class TaskGuidedPositiveLoss:
 
     def task_loss(self, quant: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg = self.cfg
-        positives = select_positives(ref[cfg.heatmap_key].detach(), cfg)
+        positives = self.positives(ref[cfg.heatmap_key])
         heat_q = quant[cfg.heatmap_key]
         zero = heat_q.sum() * 0.0  # keeps the graph when a task has no positive
         if not positives.any():

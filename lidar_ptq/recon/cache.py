@@ -7,6 +7,7 @@ with forward hooks and stops each forward pass right after the unit.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -110,19 +111,80 @@ class TensorStore:
             pass
 
 
+def _sparse_nbytes(args: Sequence[Any]) -> int:
+    """Bytes a batch of sparse-unit inputs holds: features, coordinates and the cached index pairs."""
+    total = 0
+    for arg in args:
+        tensors = [arg] if isinstance(arg, torch.Tensor) else [getattr(arg, "features", None),
+                                                               getattr(arg, "indices", None)]
+        for pairs in (getattr(arg, "indice_dict", None) or {}).values():
+            tensors += [v for v in vars(pairs).values() if isinstance(v, torch.Tensor)]
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
+class SparseBatchStore:
+    """The inputs of a sparse unit, one list per calibration batch (voxel counts differ, so batches are
+    kept whole). Held in RAM up to ``budget_bytes``, then every batch goes to its own file and is read
+    back when a step samples it, so sparse captures obey the same memory budget as dense ones."""
+
+    def __init__(self, budget_bytes: float = float("inf"), cache_dir: str | None = None) -> None:
+        self.budget_bytes, self.cache_dir = budget_bytes, cache_dir
+        self.batches: list[list[Any] | str] = []  # in RAM, or the path of its file
+        self.nbytes = 0
+        self._dir: str | None = None
+
+    @property
+    def spilled(self) -> bool:
+        return self._dir is not None
+
+    def append(self, args: list[Any]) -> None:
+        self.nbytes += _sparse_nbytes(args)
+        self.batches.append(args)
+        if self.nbytes > self.budget_bytes and not self.spilled:
+            os.makedirs(self.cache_dir or tempfile.gettempdir(), exist_ok=True)
+            self._dir = tempfile.mkdtemp(prefix="lidar_ptq_sparse_", dir=self.cache_dir)
+        if self.spilled:
+            self.batches = [self._write(i, b) if not isinstance(b, str) else b for i, b in enumerate(self.batches)]
+
+    def _write(self, index: int, args: list[Any]) -> str:
+        path = os.path.join(self._dir or "", f"{index}.pt")
+        torch.save(args, path)
+        return path
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> list[Any]:
+        item = self.batches[index]
+        return torch.load(item, weights_only=False) if isinstance(item, str) else item
+
+    def close(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self.batches = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 @dataclass
 class Captured:
     """What a unit saw: its positional inputs and its output.
 
     Dense units: one ``TensorStore`` per input, samples on dim 0. Sparse units (spconv
     ``SparseConvTensor`` inputs, whose voxel count varies per frame): the input tensors
-    of each batch are kept whole in ``sparse_inputs`` (RAM, on their device) and the
+    of each batch are kept whole in ``sparse_inputs`` (a ``SparseBatchStore``) and the
     output features are concatenated; ``batch_rows`` says how many output rows each
     calibration batch produced.
     """
 
     inputs: list[TensorStore] = field(default_factory=list)
-    sparse_inputs: list[list[Any]] = field(default_factory=list)
+    sparse_inputs: SparseBatchStore = field(default_factory=SparseBatchStore)
     output: TensorStore | None = None
     batch_rows: list[int] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)  # constant non-tensor keyword arguments
@@ -141,6 +203,7 @@ class Captured:
         for store in [*self.inputs, self.output]:
             if store is not None:
                 store.close()
+        self.sparse_inputs.close()
 
 
 def is_sparse_tensor(x: Any) -> bool:
@@ -171,7 +234,7 @@ def capture(model: nn.Module, unit: nn.Module, data: Iterable[Any], *, want_inpu
             want_output: bool = True, budget_bytes: float = float("inf"), cache_dir: str | None = None,
             stop_early: bool = True) -> Captured:
     """Run ``data`` through ``model`` (in its current quant mode) and record ``unit``'s inputs/outputs."""
-    result = Captured()
+    result = Captured(sparse_inputs=SparseBatchStore(budget_bytes, cache_dir))
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
