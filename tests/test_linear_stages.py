@@ -208,3 +208,50 @@ def test_stage_log_attributes_nested_stages_exclusively():
     assert rows["outer"]["forwards"] == 1 and rows["inner"]["forwards"] == 2 and rows["total"]["forwards"] == 3
     assert rows["total"]["seconds"] == pytest.approx(rows["outer"]["seconds"] + rows["inner"]["seconds"], abs=1e-3)
     assert rows["total"]["peak_rss_mb"] > 10
+
+
+def per_unit_reconstruction(model, data, cfg):
+    """The quadratic algorithm: for each unit, one forward per batch (stopped at the unit) in float mode
+    for its targets and one in quantized mode for its inputs, then the same optimisation."""
+    from dataclasses import replace
+
+    from lidar_ptq.api import set_quant_mode
+    from lidar_ptq.recon import engine
+    from lidar_ptq.recon.cache import capture
+    from lidar_ptq.recon.units import find_units
+
+    float_outputs = {}
+    for index, unit in enumerate(find_units(model, cfg.granularity)):
+        torch.manual_seed(cfg.seed + index)
+        set_quant_mode(model, QuantMode.FLOAT)
+        target = capture(model, unit.module, data)
+        set_quant_mode(model, QuantMode.QUANTIZE)
+        inputs_q = capture(model, unit.module, data, want_output=False)
+        engine._optimise_unit(model, unit, data, replace(cfg, seed=cfg.seed + index), target, inputs_q, None,
+                              torch.device("cpu"), float_outputs)
+    set_quant_mode(model, QuantMode.QUANTIZE)
+
+
+@pytest.mark.parametrize("method", ["adaround", "qdrop"])
+def test_lockstep_reconstruction_equals_one_capture_per_unit(method):
+    from test_recon import tiny_data, w4a8_tiny
+
+    from lidar_ptq.recon.engine import ReconConfig, reconstruct
+
+    cfg = ReconConfig.from_method(method, iterations=30, progress=False, tie_shared_inputs=False,
+                                  output_loss=lambda q, f, b: (q - f).pow(2).mean(), output_loss_every=5)
+    expected, model = w4a8_tiny(), w4a8_tiny()
+    per_unit_reconstruction(expected, tiny_data(), cfg)
+    log = StageLog()
+    log.watch(model)
+    with log.stage("reconstruction"):
+        report = reconstruct(model, tiny_data(), cfg)
+    assert [u.name for u in report.units] == ["0", "2", "5"]
+    state, want = model.state_dict(), expected.state_dict()
+    assert state.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(state[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    # the captures: one float and one quantized forward per batch for all units together; the rest are
+    # the output loss's steps (6 per unit) and its float references (one per batch used); block units are
+    # first checked by one forward (refine_units)
+    assert log.records["reconstruction"].forwards == 2 * 4 + 3 * 6 + 4 + (method == "qdrop")

@@ -282,9 +282,10 @@ def test_output_loss_every_k_and_float_outputs_computed_once_per_batch():
                                                               output_loss=loss, output_loss_every=4))
     handle.remove()
     assert calls["loss"] == len(report.units) * 3       # steps 0, 4, 8 of each unit
-    # full float forwards (captures stop early and never finish one): batches 0, 1, 2 once each,
-    # shared by all units, plus one scan for quantizers reading a shared tensor
-    assert calls["float"] == 3 + 1
+    # full float forwards: the output loss's references for batches 0, 1, 2 once each, shared by all
+    # units, one scan for quantizers reading a shared tensor, and one float lane per batch that gives
+    # every unit its targets (the lanes advance together, unit by unit)
+    assert calls["float"] == 3 + 1 + len(data)
     with pytest.raises(ValueError, match="output_loss_every"):
         ReconConfig(output_loss_every=0)
 

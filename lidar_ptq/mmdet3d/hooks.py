@@ -21,6 +21,7 @@ from mmdet3d.registry import HOOKS
 from mmengine.hooks import Hook
 
 from ..lidar.recipes import resolve_recipe
+from ..lidar.stage_log import StageLog
 from .adapter import unwrap_model
 from .calibration import build_calibration_loader, check_points, collect_batches, frame_name
 from .ptq import DetectorPTQResult, is_quantized, load_quantized, quantize_detector, save_quantized
@@ -29,12 +30,19 @@ log = logging.getLogger(__name__)
 
 
 def quantize_runner_model(runner: Any, recipe: Any, calib_frames: int | None, seed: int, batch_size: int,
-                          recipe_options: dict[str, Any] | None = None, save: bool = True) -> DetectorPTQResult:
-    """Calibration frames from the runner's config -> quantized ``runner.model`` (-> saved in work_dir)."""
+                          recipe_options: dict[str, Any] | None = None, save: bool = True,
+                          stages: StageLog | None = None) -> DetectorPTQResult:
+    """Calibration frames from the runner's config -> quantized ``runner.model`` (-> saved in work_dir).
+
+    Finished stages are saved under ``<work_dir>/ptq_resume``: rerunning the same command after a kill
+    resumes after the last finished stage (the frames are loaded again)."""
     recipe = resolve_recipe(recipe, calib_frames, recipe_options)
-    loader = build_calibration_loader(runner.cfg, recipe.calib_frames, seed, batch_size)
-    batches = collect_batches(unwrap_model(runner.model), loader)
-    result = quantize_detector(runner.model, batches, recipe)
+    stages = stages or StageLog()
+    with stages.stage("frame loading"):
+        loader = build_calibration_loader(runner.cfg, recipe.calib_frames, seed, batch_size)
+        batches = collect_batches(unwrap_model(runner.model), loader)
+    result = quantize_detector(runner.model, batches, recipe, resume_dir=Path(runner.work_dir) / "ptq_resume",
+                               stages=stages)
     if save:
         paths = save_quantized(runner.model, result.recipe, runner.work_dir)
         runner.logger.info("saved %s and %s", paths["checkpoint"], paths["quant_params"])

@@ -18,6 +18,7 @@ from mmengine.dist import is_main_process
 from mmengine.runner import TestLoop
 from mmengine.runner.amp import autocast
 
+from ..lidar.stage_log import StageLog
 from .hooks import quantize_runner_model
 from .ptq import load_float_checkpoint
 from .visualize import plot_bev
@@ -71,13 +72,17 @@ class PTQLoop(TestLoop):
             start = time.perf_counter()
             results["fp32"] = self._evaluate("fp32")
             seconds["eval_fp32"] = time.perf_counter() - start
+        stages = StageLog()
         result = quantize_runner_model(self.runner, self.recipe, self.calib_frames, self.seed, self.batch_size,
-                                       self.recipe_options)
+                                       self.recipe_options, stages=stages)
         seconds["ptq"] = result.seconds
         start = time.perf_counter()
         results["int8"] = self._evaluate("int8")
         seconds["eval_int8"] = time.perf_counter() - start
-        export = self._export() if self.export_dir and is_main_process() else None
+        export = None
+        if self.export_dir and is_main_process():
+            with stages.stage("export"):
+                export = self._export()
         self.metrics = {"recipe": result.recipe.name, "recipe_spec": result.recipe.source,
                         "calib_frames": result.report.frames, "judge_frames": result.report.judge_frames,
                         "tgpl": result.tgpl,
@@ -85,7 +90,8 @@ class PTQLoop(TestLoop):
                         "bias_correction": {**result.report.bias_correction_loss,
                                             "layers": len(result.report.bias_corrections)},
                         "reconstruction": {**result.report.recon_loss, "kept": result.report.recon_kept},
-                        "unquantized_layers": result.unquantized, "seconds": seconds, **results}
+                        "unquantized_layers": result.unquantized, "seconds": seconds,
+                        "stages": stages.rows(), **results}
         if export is not None:
             self.metrics["export"] = {"dir": str(self.export_dir), "verification": export["verification"]}
         if is_main_process():

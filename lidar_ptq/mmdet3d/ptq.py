@@ -21,6 +21,7 @@ from torch import nn
 from ..api import format_summary, iter_quantizers, quant_summary, quantize
 from ..lidar.pipeline import LidarPTQReport, PTQRecipe, run_ptq
 from ..lidar.recipes import load_recipe
+from ..lidar.stage_log import StageLog
 from ..quant.fold import fold_batchnorms
 from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import FakeQuantizer
@@ -97,9 +98,12 @@ def prepare(detector: nn.Module, recipe: PTQRecipe) -> DetectorAdapter:
     return adapter
 
 
-def quantize_detector(model: nn.Module, batches: list[DetectorBatch], recipe: PTQRecipe | Any = None
+def quantize_detector(model: nn.Module, batches: list[DetectorBatch], recipe: PTQRecipe | Any = None,
+                      resume_dir: str | os.PathLike | None = None, stages: StageLog | None = None
                       ) -> DetectorPTQResult:
-    """Quantize ``model`` (an mmdet3d detector, possibly wrapped) in place with ``recipe``."""
+    """Quantize ``model`` (an mmdet3d detector, possibly wrapped) in place with ``recipe``. With
+    ``resume_dir`` finished stages are saved there and a rerun after a kill starts after the last one;
+    ``stages`` collects per-stage time, forwards and memory (``run_ptq``)."""
     recipe = load_recipe(recipe)
     detector = unwrap_model(model)
     if is_quantized(detector):
@@ -118,7 +122,8 @@ def quantize_detector(model: nn.Module, batches: list[DetectorBatch], recipe: PT
             recipe = dataclasses.replace(recipe, recon=recon, select_loss=None, quant_candidates={})
             tgpl = False
     occupancy = adapter.occupancy_source if recipe.sparse_calibration else None
-    report = run_ptq(adapter, batches, recipe, occupancy_source=occupancy)
+    report = run_ptq(adapter, batches, recipe, occupancy_source=occupancy,
+                     resume_dir=os.fspath(resume_dir) if resume_dir is not None else None, stages=stages)
     adapter.sync()
     unquantized = _unquantized_layers(adapter)
     if unquantized:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..batches import call_model
+from ..lockstep import Arrival, Lane, Lockstep
 from .modules import QuantModuleMixin
 from .quantizer import QuantMode, temporary_quant_mode
 
@@ -105,99 +105,36 @@ def channel_means(model: nn.Module, layers: dict[str, QuantModuleMixin], data: S
     return stats
 
 
-class _Lockstep:
-    """Quantized forwards of several batches advanced together, one correctable layer at a time.
-
-    Each batch runs in its own thread, but a single baton lets only one compute at a time (deterministic,
-    and every op keeps the machine's intra-op threads). At a layer's output a batch records its
-    per-channel sums and waits; the last batch to arrive turns the sums of all into the layer's
-    correction, then every batch recomputes the layer with it and goes on. So each layer is measured with
-    every earlier layer already corrected, as in a pass per layer, at the cost of two passes. The
-    ``measure`` layer (one called several times per forward) is only measured, over all its calls.
-    """
-
-    def __init__(self, model: nn.Module, layers: dict[str, QuantModuleMixin], data: Sequence[Any],
-                 correct: Callable[[str, torch.Tensor, int], None], bar: Any,
-                 measure: tuple[str, QuantModuleMixin] | None = None) -> None:
-        self.model, self.layers, self.data, self.correct, self.bar = model, layers, data, correct, bar
-        self.measure = measure
-        self.measured: list[list[tuple[torch.Tensor, int]]] = [[] for _ in data]  # the measured layer, per batch
-        self.baton = threading.Condition(threading.Lock())
-        self.local = threading.local()
-        self.slots: dict[str, list[Any]] = {name: [None] * len(data) for name in layers}
-        self.done: set[str] = set()
-        self.waiting: dict[str, int] = {}  # batches waiting at each layer
-        self.running = len(data)  # batches not waiting (started or not, unfinished)
-        self.error: BaseException | None = None
-
-    def _measure_hook(self, module: QuantModuleMixin, output: Any) -> None:
-        index = getattr(self.local, "index", None)
-        measured = _channel_sums(module, output)
-        if index is not None and measured is not None:
-            self.measured[index].append(measured)
-
-    def _hook(self, module: QuantModuleMixin, args: tuple, kwargs: dict, output: Any, name: str) -> Any:
-        index = getattr(self.local, "index", None)
-        if index is None:  # a forward outside the lockstep (e.g. the model called by another thread)
-            return None
-        measured = _channel_sums(module, output)
-        if measured is None:
+def _lockstep_pass(model: nn.Module, layers: dict[str, QuantModuleMixin], data: Sequence[Any],
+                   correct: Callable[[str, torch.Tensor, int], None], bar: Any,
+                   measure: tuple[str, QuantModuleMixin] | None = None) -> list[tuple[torch.Tensor, int]]:
+    """One quantized pass of every batch in lockstep (``lidar_ptq.lockstep``): at each layer's output
+    the sums of all batches give its correction, then every batch recomputes the layer with it. So each
+    layer is measured with every earlier one corrected, as with a pass per layer. The ``measure`` layer
+    (one called several times per forward) is only measured, over all its calls; returns its sums."""
+    def meet(name: str, module: nn.Module, arrivals: list[Arrival]) -> range:
+        sums = [_channel_sums(module, a.output) for a in arrivals]
+        if any(s is None for s in sums):
             raise TypeError(f"bias correction of {name}: its output is not a tensor")
-        slots = self.slots[name]
-        slots[index] = measured
-        if all(slot is not None for slot in slots):
-            self.correct(name, sum(slot[0] for slot in slots), sum(slot[1] for slot in slots))
-            self.slots[name] = []  # frees the sums
-            self.done.add(name)
-            self.running += self.waiting.pop(name, 0)  # the waiters can go on
-            self.bar.update(1)
-            self.baton.notify_all()
-        else:
-            self.running -= 1
-            self.waiting[name] = self.waiting.get(name, 0) + 1
-            if self.running == 0:  # every batch waits at a different layer: their orders differ
-                self.error = RuntimeError(
-                    "bias correction: the calibration batches run the quantized layers in different orders "
-                    f"(stuck at {name}); pass batches of one kind of input")
-                self.baton.notify_all()
-            while name not in self.done and self.error is None:
-                self.baton.wait()
-            if self.error is not None:
-                raise _Aborted
-        return module.forward(*args, **kwargs)  # the layer again, now with its correction
+        correct(name, sum(s[0] for s in sums), sum(s[1] for s in sums))
+        bar.update(1)
+        return range(len(arrivals))
 
-    def _run(self, index: int) -> None:
-        self.local.index = index
-        with self.baton:
-            try:
-                with torch.no_grad():  # grad mode is per thread
-                    call_model(self.model, self.data[index])
-            except _Aborted:
-                pass
-            except BaseException as err:  # handed to the caller's thread
-                if self.error is None:
-                    self.error = err
-            finally:
-                self.running -= 1
-                self.baton.notify_all()
-
-    def run(self) -> None:
-        handles = [m.register_forward_hook(lambda mod, a, k, out, _n=name: self._hook(mod, a, k, out, _n),
-                                           with_kwargs=True) for name, m in self.layers.items()]
-        if self.measure is not None:
-            handles.append(self.measure[1].register_forward_hook(lambda mod, a, out: self._measure_hook(mod, out)))
-        try:
-            with temporary_quant_mode(self.model, QuantMode.QUANTIZE):
-                threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(self.data))]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-        finally:
-            for handle in handles:
-                handle.remove()
-        if self.error is not None:
-            raise self.error
+    step = Lockstep(model, [Lane(batch, QuantMode.QUANTIZE) for batch in data], layers, meet)
+    measured: list[list[tuple[torch.Tensor, int]]] = [[] for _ in data]
+    handles = []
+    if measure is not None:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            lane, sums = step.current_lane(), _channel_sums(module, output)
+            if lane is not None and sums is not None:
+                measured[lane].append(sums)
+        handles.append(measure[1].register_forward_hook(record))
+    try:
+        step.run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [pair for per_batch in measured for pair in per_batch]  # in batch order: deterministic sums
 
 
 def _segments(order: list[str], calls: dict[str, list[int]]) -> list[tuple[list[str], str | None]]:
@@ -212,9 +149,6 @@ def _segments(order: list[str], calls: dict[str, list[int]]) -> list[tuple[list[
             segments.append(([], None))
     return [seg for seg in segments if seg[0] or seg[1]]
 
-
-class _Aborted(Exception):
-    """Unwinds a waiting batch's forward after another batch failed."""
 
 def fold_bias_shifts(model: nn.Module) -> int:
     """Add every layer's pending ``bias_shift`` into its bias (what an engine runs); returns how many."""
@@ -308,11 +242,9 @@ def correct_biases(model: nn.Module, data: Iterable[Any], patterns: Sequence[str
             # a layer called more than once per forward needs all its calls measured before it can be
             # corrected: the pass ends there and the layers after it go through the next one
             for lockstep, measured in _segments(ref.order, ref.calls):
-                step = _Lockstep(model, {n: layers[n] for n in lockstep}, group, correct, bar,
-                                 (measured, layers[measured]) if measured else None)
-                step.run()
+                pairs = _lockstep_pass(model, {n: layers[n] for n in lockstep}, group, correct, bar,
+                                       (measured, layers[measured]) if measured else None)
                 if measured is not None:
-                    pairs = [pair for per_batch in step.measured for pair in per_batch]
                     correct(measured, sum(p[0] for p in pairs), sum(p[1] for p in pairs))
                     bar.update(1)
             bar.update(len(layers) - len(ref.order))

@@ -230,32 +230,55 @@ def primary_output(output: Any) -> torch.Tensor:
     return output
 
 
-def capture(model: nn.Module, unit: nn.Module, data: Iterable[Any], *, want_inputs: bool = True,
-            want_output: bool = True, budget_bytes: float = float("inf"), cache_dir: str | None = None,
-            stop_early: bool = True) -> Captured:
-    """Run ``data`` through ``model`` (in its current quant mode) and record ``unit``'s inputs/outputs."""
-    result = Captured(sparse_inputs=SparseBatchStore(budget_bytes, cache_dir))
+class CaptureBuilder:
+    """Fills a ``Captured`` call by call (one per calibration batch, in order), then ``finish``."""
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def __init__(self, want_inputs: bool = True, want_output: bool = True, budget_bytes: float = float("inf"),
+                 cache_dir: str | None = None) -> None:
+        self.want_inputs, self.want_output = want_inputs, want_output
+        self.budget_bytes, self.cache_dir = budget_bytes, cache_dir
+        self.result = Captured(sparse_inputs=SparseBatchStore(budget_bytes, cache_dir))
+
+    def add(self, args: tuple, kwargs: dict, output: Any) -> None:
+        result = self.result
         if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             raise TypeError("reconstruction units must take tensors as positional inputs, not keywords")
         result.kwargs = dict(kwargs)
         result.sparse = bool(args) and is_sparse_tensor(args[0])
-        if want_inputs and result.sparse:
+        if self.want_inputs and result.sparse:
             result.sparse_inputs.append([a.replace_feature(a.features.detach()) if is_sparse_tensor(a)
                                          else a.detach() for a in args])
-        elif want_inputs:
+        elif self.want_inputs:
             tensors = _tensor_args(args)
             if not result.inputs:
-                result.inputs = [TensorStore(budget_bytes, cache_dir) for _ in tensors]
+                result.inputs = [TensorStore(self.budget_bytes, self.cache_dir) for _ in tensors]
             for store, tensor in zip(result.inputs, tensors):
                 store.append(tensor)
         rows = primary_output(output)
-        if want_output:
+        if self.want_output:
             if result.output is None:
-                result.output = TensorStore(budget_bytes, cache_dir)
+                result.output = TensorStore(self.budget_bytes, self.cache_dir)
             result.output.append(rows)
         result.batch_rows.append(rows.shape[0])
+
+    def finish(self) -> Captured:
+        if not self.result.batch_rows:
+            raise RuntimeError("the unit was never called by the model on the calibration data")
+        for store in [*self.result.inputs, self.result.output]:
+            if store is not None:
+                store.finalize()
+        return self.result
+
+
+def capture(model: nn.Module, unit: nn.Module, data: Iterable[Any], *, want_inputs: bool = True,
+            want_output: bool = True, budget_bytes: float = float("inf"), cache_dir: str | None = None,
+            stop_early: bool = True) -> Captured:
+    """Run ``data`` through ``model`` (in its current quant mode) and record ``unit``'s inputs/outputs
+    (one forward per batch, stopped after the unit; ``reconstruct`` captures every unit in lockstep)."""
+    builder = CaptureBuilder(want_inputs, want_output, budget_bytes, cache_dir)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        builder.add(args, kwargs, output)
         if stop_early:
             raise StopForward
 
@@ -265,9 +288,4 @@ def capture(model: nn.Module, unit: nn.Module, data: Iterable[Any], *, want_inpu
             run_batches(model, data)
     finally:
         handle.remove()
-    if not result.batch_rows:
-        raise RuntimeError("the unit was never called by the model on the calibration data")
-    for store in [*result.inputs, result.output]:
-        if store is not None:
-            store.finalize()
-    return result
+    return builder.finish()

@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 from ..api import iter_quantizers, set_quant_mode
 from ..batches import call_model
+from ..lockstep import Arrival, Lane, Lockstep
 from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import QuantMode
 from ..quant.rounding import AdaRound, attach_rounding, bake_rounding
 from ..quant.tying import shared_input_groups, sync, tie, untie
-from .cache import Captured, TensorStore, capture, primary_output
+from .cache import CaptureBuilder, Captured, TensorStore, primary_output
 from .losses import OutputLoss, TaskLoss, fisher_loss, lp_loss
 from .units import Unit, find_units, refine_units
 
@@ -416,40 +417,65 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
     float_by_batch: dict[int, Any] = dict(enumerate(float_outputs or []))  # float output per batch (output loss)
     groups = shared_input_groups(model, lambda: call_model(model, data[0])) if cfg.tie_shared_inputs else []
     tie(groups)
-    try:
-        for index, unit in enumerate(units):
-            if unit.name in finished:
-                continue
-            torch.manual_seed(cfg.seed + index)
-            set_quant_mode(model, QuantMode.FLOAT)
-            target = capture(model, unit.module, data, budget_bytes=budget, cache_dir=cfg.cache_dir)
-            if cfg.loss == "fisher" and target.sparse:
-                raise NotImplementedError(f"loss='fisher' is not supported for sparse unit {unit.name!r}; "
-                                          "use 'mse' or an output_loss")
-            grads = (_capture_output_grads(model, unit.module, data, cfg.task_loss, budget, cfg.cache_dir)
-                     if cfg.loss == "fisher" else None)
-            set_quant_mode(model, QuantMode.QUANTIZE)
-            inputs_q = (capture(model, unit.module, data, want_output=False, budget_bytes=budget,
-                                cache_dir=cfg.cache_dir) if cfg.input_from == "quantized" else None)
-            try:
+    index_of = {u.name: i for i, u in enumerate(units)}
+    bar = tqdm(total=len(units), initial=len(finished), desc="reconstruction", unit="unit", disable=not cfg.progress)
+
+    def meet(name: str, module: nn.Module, arrivals: list[Arrival]) -> list[int]:
+        """Every batch has reached this unit: capture, optimise it, let the quantized lanes recompute it."""
+        unit, index = units[index_of[name]], index_of[name]
+        if unit.name in finished:  # resumed: its learned state is loaded already
+            return [a.lane for a in arrivals[len(data):]]
+        torch.manual_seed(cfg.seed + index)
+        target_builder = CaptureBuilder(budget_bytes=budget, cache_dir=cfg.cache_dir)
+        for arrival in arrivals[:len(data)]:
+            target_builder.add(arrival.args, arrival.kwargs, arrival.output)
+        target = target_builder.finish()
+        inputs_q = None
+        if cfg.input_from == "quantized":
+            quant_builder = CaptureBuilder(want_output=False, budget_bytes=budget, cache_dir=cfg.cache_dir)
+            for arrival in arrivals[len(data):]:
+                quant_builder.add(arrival.args, arrival.kwargs, arrival.output)
+            inputs_q = quant_builder.finish()
+        if cfg.loss == "fisher" and target.sparse:
+            raise NotImplementedError(f"loss='fisher' is not supported for sparse unit {unit.name!r}; "
+                                      "use 'mse' or an output_loss")
+        set_quant_mode(model, QuantMode.FLOAT)
+        grads = None
+        try:
+            with torch.enable_grad():
+                grads = (_capture_output_grads(model, unit.module, data, cfg.task_loss, budget, cfg.cache_dir)
+                         if cfg.loss == "fisher" else None)
+                set_quant_mode(model, QuantMode.QUANTIZE)
                 unit_report = _optimise_unit(model, unit, data, replace(cfg, seed=cfg.seed + index), target,
                                              inputs_q, grads, device, float_by_batch)
-            finally:
-                for c in (target, inputs_q):
-                    if c is not None:
-                        c.close()
-                if grads is not None:
-                    grads.close()
-            sync(groups)  # before the resume checkpoint: saved followers carry their leader's step
-            report.units.append(unit_report)
-            finished.append(unit.name)
-            logger.info("unit %s: loss %.4g -> %.4g (%d layers, %.1fs)", unit.name, unit_report.first_loss,
-                        unit_report.final_loss, unit_report.layers, unit_report.seconds)
-            _save_resume(model, finished, report.units, cfg)
+        finally:
+            for c in (target, inputs_q):
+                if c is not None:
+                    c.close()
+            if grads is not None:
+                grads.close()
+        sync(groups)  # before the resume checkpoint: saved followers carry their leader's step
+        report.units.append(unit_report)
+        finished.append(unit.name)
+        bar.update(1)
+        logger.info("unit %s: loss %.4g -> %.4g (%d layers, %.1fs)", unit.name, unit_report.first_loss,
+                    unit_report.final_loss, unit_report.layers, unit_report.seconds)
+        _save_resume(model, finished, report.units, cfg)
+        return [a.lane for a in arrivals[len(data):]]
+
+    # One forward per batch for every unit: float lanes give the targets (and float inputs), quantized
+    # lanes the inputs from the model whose earlier units are already reconstructed.
+    lanes = [Lane(batch, QuantMode.FLOAT) for batch in data]
+    if cfg.input_from == "quantized":
+        lanes += [Lane(batch, QuantMode.QUANTIZE) for batch in data]
+    try:
+        Lockstep(model, lanes, {u.name: u.module for u in units}, meet).run()
     finally:
+        bar.close()
         untie(groups)
         set_quant_mode(model, QuantMode.QUANTIZE)
         model.train(was_training)
+    report.units.sort(key=lambda r: index_of.get(r.name, len(units)))
     report.tied_quantizers = [[q.name for q in g] for g in groups]
     _warn_unconverged_rounding(report.units)
     return report
