@@ -12,6 +12,7 @@ forward meets at its first call; later calls run with whatever ``meet`` did.
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,24 @@ class Arrival:
 
 
 Meet = Callable[[str, nn.Module, list[Arrival]], Sequence[int]]  # returns the lanes that compute the stop again
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by other threads back to the system. Each lane is a thread and glibc gives each
+    thread its own heap, which keeps what the thread freed: without this, a 4-frame lockstep on the
+    synthetic pillar model held 4.0 GB resident instead of 1.4 GB."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class _Aborted(Exception):
@@ -83,6 +102,7 @@ class Lockstep:
             finally:
                 self.meeting = False
             del self.arrivals[name]  # frees the captured tensors
+            release_freed_memory()
             self.done.add(name)
             self.running += self.waiting.pop(name, 0)
             self.baton.notify_all()

@@ -74,10 +74,21 @@ def load_points(model: str, frames: int, seed: int) -> tuple[list[Any], str]:
     return clouds, "synthetic frames (lidar_ptq.sim, 32-beam nuScenes-like sensor)"
 
 
-def run_one(model_name: str, frames: int, recipe_path: str, seed: int, export: bool) -> dict[str, Any]:
+def point_dims(cfg: Any) -> list[int]:
+    """The point columns the config's test pipeline keeps (``use_dim`` of LoadPointsFromFile)."""
+    pipeline = cfg.get("test_dataloader", {}).get("dataset", {}).get("pipeline") or cfg.get("test_pipeline") or []
+    for step in pipeline:
+        if step.get("type") == "LoadPointsFromFile":
+            use = step.get("use_dim", step.get("load_dim", 5))
+            return list(range(use)) if isinstance(use, int) else list(use)
+    return list(range(5))
+
+
+def run_one(model_name: str, frames: int, recipe_path: str, options: dict[str, Any], seed: int, export: bool
+            ) -> dict[str, Any]:
     import torch
     from mmdet3d.registry import MODELS
-    from mmdet3d.structures import Det3DDataSample
+    from mmdet3d.structures import Box3DMode, Det3DDataSample, LiDARInstance3DBoxes
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
@@ -100,13 +111,16 @@ def run_one(model_name: str, frames: int, recipe_path: str, seed: int, export: b
     log = StageLog()
     with log.stage("frame loading"):
         clouds, source = load_points(model_name, frames, seed)
+        dims = point_dims(cfg)
+        clouds = [cloud[:, dims] for cloud in clouds]
         batches = []
-        for cloud in clouds:
+        for index, cloud in enumerate(clouds):
+            sample = Det3DDataSample(metainfo={"box_type_3d": LiDARInstance3DBoxes, "box_mode_3d": Box3DMode.LIDAR,
+                                               "lidar_path": f"frame_{index}"})
             with torch.no_grad():
-                out = detector.data_preprocessor({"inputs": {"points": [cloud]}, "data_samples": [Det3DDataSample()]},
-                                                 False)
+                out = detector.data_preprocessor({"inputs": {"points": [cloud]}, "data_samples": [sample]}, False)
             batches.append(DetectorBatch(move_to(out["inputs"], "cpu"), out["data_samples"]))
-    recipe = resolve_recipe(recipe_path, calib_frames=frames)
+    recipe = resolve_recipe(recipe_path, calib_frames=frames, options=options)
     start = time.perf_counter()
     result = quantize_detector(detector, batches, recipe, stages=log)
     ptq_seconds = time.perf_counter() - start
@@ -163,7 +177,8 @@ def render(result: dict[str, Any]) -> str:
     meta, rows = result["meta"], result["rows"]
     models = [m for m in MODEL_CONFIGS if any(r["model"] == m for r in rows)]
     lines = ["# LiDAR-PTQ cost at full size", "",
-             f"Recipe `{meta['recipe']}` (LiDAR-PTQ W8A8, CPU reconstruction budget), seed {meta['seed']}. "
+             f"Recipe `{meta['recipe']}` (LiDAR-PTQ W8A8, CPU reconstruction budget)"
+             + (f" with {meta['recipe_options']}" if meta.get("recipe_options") else "") + f", seed {meta['seed']}. "
              f"Machine: {meta['machine']}. Stock nuScenes models carry seeded random weights (cost does not "
              "depend on the weights' values); frames: " + "; ".join(sorted({r['frame_source'] for r in result['runs']}))
              + ".", "",
@@ -252,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODEL_CONFIGS), choices=list(MODEL_CONFIGS))
     parser.add_argument("--frames", nargs="+", type=int, default=[1, 4, 8, 16, 32])
     parser.add_argument("--recipe", default="configs/quant/ptq/lidar_ptq_w8a8_cpu.json")
+    parser.add_argument("--recipe-options", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dotted recipe overrides, JSON values (e.g. recon.iterations=8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", action="store_true", help="also export (ONNX, verified) after quantizing")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/scale.json"))
@@ -259,13 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "FRAMES"), help=argparse.SUPPRESS)
     parser.add_argument("--one-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.recipe_options)}
     if args.one:
-        data = run_one(args.one[0], int(args.one[1]), args.recipe, args.seed, args.export)
+        data = run_one(args.one[0], int(args.one[1]), args.recipe, options, args.seed, args.export)
         Path(args.one_out).write_text(json.dumps(data))
         return
     out = Path(args.out)
     command = "python tools/benchmark_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    meta = {"recipe": args.recipe, "seed": args.seed, "export": args.export, "command": command.strip(),
+    meta = {"recipe": args.recipe, "recipe_options": options, "seed": args.seed, "export": args.export,
+            "command": command.strip(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
                        f"{os.environ.get('OMP_NUM_THREADS', 'default')}, {platform.python_version()}"}
     result = {"meta": meta, "rows": [], "runs": []}
@@ -280,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[scale] {model} x {frames} frames ...", flush=True)
             with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
                 cmd = [sys.executable, __file__, "--one", model, str(frames), "--one-out", tmp.name,
-                       "--recipe", args.recipe, "--seed", str(args.seed), *(["--export"] if args.export else [])]
+                       "--recipe", args.recipe, "--seed", str(args.seed), *(["--export"] if args.export else []),
+                       "--recipe-options", *args.recipe_options]
                 done = subprocess.run(cmd, cwd=ROOT)
                 if done.returncode != 0:
                     print(f"[scale] {model} x {frames}: failed (exit {done.returncode}); see the output above")
