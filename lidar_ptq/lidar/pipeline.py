@@ -56,8 +56,9 @@ class PTQRecipe:
     sparse_calibration: bool = False
     calib_frames: int = 256
     source: dict[str, Any] = field(default_factory=dict)  # the dict it was made from (saved with results)
-    # Task-guided choice among alternative quant configs: each is calibrated on a copy of the model and
-    # the one whose output has the lowest ``select_loss`` against the float output wins.
+    # Task-guided choice among alternative quant configs that differ only in their observers: all are
+    # calibrated by one pass (lidar_ptq.lidar.range_search) and the one whose output has the lowest
+    # ``select_loss`` against the float output wins.
     quant_candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
     select_loss: Any = None  # fn(quant_output, float_output, batch) -> scalar, e.g. TGPL (also guards
     #                          bias correction and reconstruction: each is undone if it raises this loss)
@@ -97,9 +98,9 @@ class LidarPTQConfig:
     adaptive_rounding: bool = True
     # The grid search of the clipping ranges. A local Lp error alone misleads on detectors (objects
     # live in rare, large BEV activations that p=2 clips away: on the synthetic pillar model p=2 cost
-    # 8 mAP), so the search is task-guided: every clipping rule in ``grid_candidates`` calibrates a copy
-    # of the model and the one with the lowest TGPL error on the calibration frames is kept. Rules:
-    # "maxmin" (no clipping: the sparse max-min ranges), "lp<p>" (Lp-error search of the clipping
+    # 8 mAP), so the search is task-guided: of the clipping rules in ``grid_candidates`` (ranges of all
+    # from one calibration pass) the one with the lowest TGPL error on the calibration frames is kept.
+    # Rules: "maxmin" (no clipping: the sparse max-min ranges), "lp<p>" (Lp-error search of the clipping
     # range, weights and activations), "pct<q>" (activations clipped at the q-th percentile of |x|);
     # "<rule>@all" takes the activation statistics over every site instead of the active ones.
     # Candidates are judged after bias correction when it is on (it reorders them: on the pillar

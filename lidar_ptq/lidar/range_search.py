@@ -75,17 +75,31 @@ def candidate_specs(model: nn.Module, base: Mapping[str, Any], candidates: Mappi
 
 class _FanOut:
     """Stands in for a quantizer's observer: every tensor goes to one observer per distinct rule. Only
-    sparse observers receive the active-site mask (an all-site rule must see every site)."""
+    sparse observers receive the active-site mask (an all-site rule must see every site). Rules that
+    record the same thing (Lp searches with different p share their samples, percentiles their
+    histogram) record it once: the first of them observes, the others adopt its record."""
 
     def __init__(self, observers: dict[str, Observer]) -> None:
         self.observers = observers
         self.sparse = any(o.sparse for o in observers.values())
         self.num_observed = 0
+        recorders: dict[tuple, Observer] = {}
+        self.followers: list[tuple[Observer, Observer]] = []
+        for observer in observers.values():
+            key = observer.record_key()
+            if key is not None and key in recorders:
+                self.followers.append((observer, recorders[key]))
+            elif key is not None:
+                recorders[key] = observer
+        following = {id(f) for f, _ in self.followers}
+        self.recorders = [o for o in observers.values() if id(o) not in following]
 
     def observe(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         self.num_observed += 1
-        for observer in self.observers.values():
+        for observer in self.recorders:
             observer.observe(x, mask if observer.sparse else None)
+        for follower, recorder in self.followers:
+            follower.adopt_record(recorder)
 
 
 @dataclass

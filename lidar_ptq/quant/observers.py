@@ -90,15 +90,32 @@ class Observer:
         """Return (lo, hi), each of shape ``[C]``."""
         raise NotImplementedError
 
+    # What an observer records (as opposed to how it turns that into a range): two observers of one
+    # tensor with the same ``record_key`` record the same state, so one can record for both (several
+    # clipping rules calibrated in one pass, lidar_ptq.lidar.range_search).
+    record_fields: tuple[str, ...] = ("num_observed",)
+
+    def record_key(self) -> tuple | None:
+        return None
+
+    def adopt_record(self, other: Observer) -> None:
+        for name in self.record_fields:
+            setattr(self, name, getattr(other, name))
+
 
 @register_observer("minmax")
 class MinMaxObserver(Observer):
     """Running minimum and maximum per channel (the classic max-min calibration)."""
 
+    record_fields = ("num_observed", "lo", "hi")
+
     def __init__(self, spec: QuantSpec, **kwargs) -> None:
         super().__init__(spec, **kwargs)
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
+
+    def record_key(self) -> tuple | None:
+        return ("minmax", self.sparse) if type(self) in (MinMaxObserver, SparseMinMaxObserver) else None
 
     def _update(self, rows: torch.Tensor) -> None:
         lo, hi = rows.amin(dim=1), rows.amax(dim=1)
@@ -138,8 +155,14 @@ class LpSearchObserver(MinMaxObserver):
         self.num_candidates = num_candidates
         self.min_ratio = min_ratio
         self.max_samples = max_samples
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.samples: torch.Tensor | None = None
+
+    record_fields = ("num_observed", "lo", "hi", "samples")
+
+    def record_key(self) -> tuple | None:
+        return ("lp_samples", self.sparse, self.max_samples, self.seed)
 
     def _update(self, rows: torch.Tensor) -> None:
         super()._update(rows)
@@ -186,6 +209,11 @@ class HistogramObserver(Observer):
         self.num_bins = num_bins
         self.hist = np.zeros(num_bins, dtype=np.float64)
         self.bin_width = 0.0
+
+    record_fields = ("num_observed", "hist", "bin_width")
+
+    def record_key(self) -> tuple | None:
+        return ("abs_histogram", self.sparse, self.num_bins)
 
     def _update(self, rows: torch.Tensor) -> None:
         values = rows.abs().reshape(-1)
