@@ -367,7 +367,8 @@ class TaskJudge:
     def current(self) -> float:
         if self._current is None:
             with self.stages.stage("guard") if self.stages is not None else nullcontext():
-                self._current = _task_loss(self.model, self.data, self.float_outputs, self.loss)
+                batches = tqdm(self.data, desc="guard (task loss)", unit="batch", leave=False)
+                self._current = _task_loss(self.model, batches, self.float_outputs, self.loss)
         return self._current
 
     def changed(self) -> None:

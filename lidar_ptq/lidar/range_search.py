@@ -203,4 +203,4 @@ def task_loss(model: nn.Module, data: Sequence[Any], float_outputs: Sequence[Any
             total += float(loss(call_model(model, batch), reference, batch))
             if bar is not None:
                 bar.update(1)
-    return total / len(data)
+    return total / max(len(float_outputs), 1)
