@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..recon.cache import is_sparse_tensor
 from ..recon.engine import ReconConfig
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def _tensors(item: Any, depth: int = 0) -> list[torch.Tensor]:
         return []
     if isinstance(item, torch.Tensor):
         return [item]
-    if hasattr(item, "features") and hasattr(item, "indices"):
+    if is_sparse_tensor(item):
         return [item.features, item.indices]
     if isinstance(item, dict):
         return [t for v in item.values() for t in _tensors(v, depth + 1)]

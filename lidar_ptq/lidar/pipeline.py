@@ -261,7 +261,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
                 ranges = collect_candidate_ranges(model, data, specs, occupancy)
                 missing = ranges.uncalibrated
             else:
-                missing = _calibrate(model, data, recipe, occupancy)
+                missing = _calibrate(model, data, occupancy)
     judge = None
     if recipe.select_loss is not None:
         with log.stage("float outputs"):
@@ -336,7 +336,7 @@ def split_for_judge(data: list[Any], fraction: float) -> tuple[list[Any], list[A
     return data[:-held], data[-held:]
 
 
-def _calibrate(model: nn.Module, data: list[Any], recipe: PTQRecipe, occupancy_source: str | None) -> list[str]:
+def _calibrate(model: nn.Module, data: list[Any], occupancy_source: str | None) -> list[str]:
     with OccupancyMask(model, occupancy_source) if occupancy_source is not None else nullcontext():
         return calibrate(model, data)
 

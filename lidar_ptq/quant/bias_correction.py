@@ -66,6 +66,7 @@ class ChannelMeans:
     counts: dict[str, int] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     calls: dict[str, list[int]] = field(default_factory=dict)
+
     def add(self, name: str, sums: torch.Tensor, count: int) -> None:
         self.sums[name] = self.sums[name] + sums if name in self.sums else sums
         self.counts[name] = self.counts.get(name, 0) + count
@@ -74,7 +75,6 @@ class ChannelMeans:
 
     def means(self) -> dict[str, torch.Tensor]:
         return {name: total / max(self.counts[name], 1) for name, total in self.sums.items()}
-
 
 
 @torch.no_grad()
@@ -202,7 +202,7 @@ def correct_biases(model: nn.Module, data: Iterable[Any], patterns: Sequence[str
 
     Returns each corrected layer's largest absolute change, for the report. One float pass gives the
     reference means (``reference`` passes them in, e.g. shared by several range candidates, when the
-    data is one group); then one lockstep quantized pass (``_Lockstep``) corrects the layers in
+    data is one group); then one lockstep quantized pass (``lidar_ptq.lockstep``) corrects the layers in
     execution order, each measured with the earlier ones corrected: two passes in all, whatever the
     depth. Batches go through the lockstep in groups of at most ``group_frames`` frames (``frames``
     counts a batch's), which bounds memory; a later group refines each correction by its own residual
@@ -222,14 +222,13 @@ def correct_biases(model: nn.Module, data: Iterable[Any], patterns: Sequence[str
     if reference is not None and len(groups) > 1:
         raise ValueError("a shared float reference serves one lockstep group: raise group_frames or drop it")
     changes: dict[str, float] = {}
-    whole = ChannelMeans()  # float means over every group, for layers corrected after the passes
+    order: list[str] = []  # execution order over every group
     seen = 0
     bar = tqdm(total=len(layers) * len(groups), desc="bias correction", unit="layer", disable=not progress)
     try:
         for group in groups:
             ref = reference if reference is not None else channel_means(model, layers, group, QuantMode.FLOAT)
-            for name in ref.order:
-                whole.add(name, ref.sums[name], ref.counts[name])
+            order += [name for name in ref.order if name not in order]
             count = sum(frames(b) for b in group)
             weight = count / (seen + count)  # later groups: a running mean of the corrections
             target = ref.means()
@@ -251,11 +250,11 @@ def correct_biases(model: nn.Module, data: Iterable[Any], patterns: Sequence[str
             seen += count
     finally:
         bar.close()
-    skipped = sorted(set(layers) - set(whole.order))
+    skipped = sorted(set(layers) - set(order))
     if skipped:
         logger.info("bias correction: %d layer(s) never ran or return no tensor, left as is: %s",
                     len(skipped), skipped[:5])
-    changes = {name: changes[name] for name in whole.order if name in changes}
+    changes = {name: changes[name] for name in order if name in changes}
     if fold:
         fold_bias_shifts(model)
     return changes

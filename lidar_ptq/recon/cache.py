@@ -141,11 +141,12 @@ class SparseBatchStore:
     def append(self, args: list[Any]) -> None:
         self.nbytes += _sparse_nbytes(args)
         self.batches.append(args)
-        if self.nbytes > self.budget_bytes and not self.spilled:
+        if self.spilled:
+            self.batches[-1] = self._write(len(self.batches) - 1, args)
+        elif self.nbytes > self.budget_bytes:  # from now on on disk, the batches held so far too
             os.makedirs(self.cache_dir or tempfile.gettempdir(), exist_ok=True)
             self._dir = tempfile.mkdtemp(prefix="lidar_ptq_sparse_", dir=self.cache_dir)
-        if self.spilled:
-            self.batches = [self._write(i, b) if not isinstance(b, str) else b for i, b in enumerate(self.batches)]
+            self.batches = [self._write(i, b) for i, b in enumerate(self.batches)]
 
     def _write(self, index: int, args: list[Any]) -> str:
         path = os.path.join(self._dir or "", f"{index}.pt")

@@ -386,6 +386,14 @@ def _load_resume(model: nn.Module, units: list[Unit], cfg: ReconConfig) -> tuple
     return finished, [UnitReport(**r) for r in state["reports"]]
 
 
+def _captured(arrivals: list[Arrival], want_output: bool, budget: float, cache_dir: str | None) -> Captured:
+    """A unit's inputs (and output) as every batch's lane brought them to it."""
+    builder = CaptureBuilder(want_output=want_output, budget_bytes=budget, cache_dir=cache_dir)
+    for arrival in arrivals:
+        builder.add(arrival.args, arrival.kwargs, arrival.output)
+    return builder.finish()
+
+
 def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | None = None,
                 float_outputs: Sequence[Any] | None = None, **overrides: Any) -> ReconReport:
     """Reconstruct ``model`` (quantized and calibrated) unit by unit on calibration ``data``.
@@ -423,19 +431,12 @@ def reconstruct(model: nn.Module, data: Iterable[Any], config: ReconConfig | Non
     def meet(name: str, module: nn.Module, arrivals: list[Arrival]) -> list[int]:
         """Every batch has reached this unit: capture, optimise it, let the quantized lanes recompute it."""
         unit, index = units[index_of[name]], index_of[name]
-        if unit.name in finished:  # resumed: its learned state is loaded already
-            return [a.lane for a in arrivals[len(data):]]
+        if unit.name in finished:  # resumed: the quantized lanes ran it with its loaded learned state
+            return []
         torch.manual_seed(cfg.seed + index)
-        target_builder = CaptureBuilder(budget_bytes=budget, cache_dir=cfg.cache_dir)
-        for arrival in arrivals[:len(data)]:
-            target_builder.add(arrival.args, arrival.kwargs, arrival.output)
-        target = target_builder.finish()
-        inputs_q = None
-        if cfg.input_from == "quantized":
-            quant_builder = CaptureBuilder(want_output=False, budget_bytes=budget, cache_dir=cfg.cache_dir)
-            for arrival in arrivals[len(data):]:
-                quant_builder.add(arrival.args, arrival.kwargs, arrival.output)
-            inputs_q = quant_builder.finish()
+        target = _captured(arrivals[:len(data)], True, budget, cfg.cache_dir)
+        inputs_q = (_captured(arrivals[len(data):], False, budget, cfg.cache_dir)
+                    if cfg.input_from == "quantized" else None)
         if cfg.loss == "fisher" and target.sparse:
             raise NotImplementedError(f"loss='fisher' is not supported for sparse unit {unit.name!r}; "
                                       "use 'mse' or an output_loss")
