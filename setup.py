@@ -15,6 +15,7 @@ setup(
     description="Post-training quantization (LiDAR-PTQ) for LiDAR 3D detectors in mmdetection3d",
     long_description=(Path(__file__).parent / "README.md").read_text() if (Path(__file__).parent / "README.md").exists() else "",
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["lidar_ptq", "lidar_ptq.*"]),
     install_requires=["torch>=2.0", "numpy>=1.22", "tqdm>=4.60"],

@@ -108,9 +108,10 @@ def per_candidate_search(model, data, recipe):
         equalize_inputs(trial, recipe.equalize, data, recipe.equalize_alpha)
         lidar_ptq.calibrate(trial, data, progress=False)
         with torch.no_grad():
-            score = sum(float(recipe.select_loss(trial(b), f)) for b, f in zip(data, float_outputs)) / len(data)
-            correct_biases(trial, data[:recipe.search_bias_frames], progress=False, fold=False)
-            corrected = sum(float(recipe.select_loss(trial(b), f)) for b, f in zip(data, float_outputs)) / len(data)
+            judged = data[:recipe.search_frames // 2]  # two frames per batch
+            score = sum(float(recipe.select_loss(trial(b), f)) for b, f in zip(judged, float_outputs)) / len(judged)
+            correct_biases(trial, judged, progress=False, fold=False)
+            corrected = sum(float(recipe.select_loss(trial(b), f)) for b, f in zip(judged, float_outputs)) / len(judged)
         scores[name] = min(score, corrected)
     return scores
 
@@ -120,7 +121,7 @@ def test_one_pass_range_search_scores_every_candidate_as_a_calibrated_copy_would
     model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=6,
-                         equalize_patterns=("backbone.0",), search_bias_frames=2)
+                         equalize_patterns=("backbone.0",), search_frames=4)
     recipe = cfg.recipe()
     expected = per_candidate_search(copy.deepcopy(model), data, recipe)
     log = StageLog()
@@ -129,10 +130,11 @@ def test_one_pass_range_search_scores_every_candidate_as_a_calibrated_copy_would
     for name in expected:
         assert report.selection[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-7), name
     assert min(report.selection, key=report.selection.get) == min(expected, key=expected.get)
-    # one calibration pass (+ the equalization pass) for all candidates; per candidate: judge, correct, judge
+    # one calibration pass (+ the equalization pass, stopped after the equalized layer) for all candidates;
+    # per candidate, on the search frames only: judge, correct, judge
     records = log.records
     assert records["calibration"].forwards == 2 * len(data)
-    assert records["range search"].forwards == len(recipe.quant_candidates) * (2 * len(data) + 2) + 2
+    assert records["range search"].forwards == len(recipe.quant_candidates) * 3 * 2 + 2
     assert {row["stage"] for row in report.stages} >= {"calibration", "float outputs", "range search",
                                                       "bias correction", "guard", "freezing", "total"}
 
@@ -146,6 +148,34 @@ def test_a_candidate_that_changes_more_than_the_observers_is_an_error():
         run_ptq(model, data, recipe)
 
 
+def test_equalization_statistics_stop_after_the_equalized_layers():
+    model = TinyBEVDetector().eval()
+    lidar_ptq.quantize(model, LidarPTQConfig().quant_config())
+    head_calls = []
+    model.head.register_forward_hook(lambda *_: head_calls.append(1))
+    scales = equalize_inputs(model, ("backbone.0",), [sparse_bev(s) for s in range(3)])
+    assert list(scales) == ["backbone.0"] and len(scales["backbone.0"]) == 4
+    assert head_calls == []  # nothing after the equalized layer ran
+
+
+def test_reconstruction_fits_on_its_first_recon_frames(monkeypatch):
+    from lidar_ptq.lidar import pipeline
+    seen = []
+    real = pipeline.reconstruct
+
+    def watched(model, data, cfg, float_outputs=None):
+        seen.append((len(data), len(float_outputs)))
+        return real(model, data, cfg, float_outputs=float_outputs)
+
+    monkeypatch.setattr(pipeline, "reconstruct", watched)
+    data = [sparse_bev(s) for s in range(3)]  # two frames a batch
+    cfg = LidarPTQConfig(grid_search=False, bias_correction=False, calib_frames=6, recon_frames=3,
+                         recon={"iterations": 2, "progress": False})
+    report = run_ptq(TinyBEVDetector().eval(), data, cfg.recipe())
+    assert seen == [(2, 2)]  # the first batches holding 3 frames
+    assert report.frames == 6 and report.reconstruction is not None
+
+
 class Killed(Exception):
     pass
 
@@ -157,7 +187,7 @@ def test_a_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch, stage):
     float_model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, calib_frames=6, grid_candidates=("maxmin", "lp2", "pct99.9"),
-                         search_bias_frames=2, recon={"iterations": 20, "progress": False})
+                         search_frames=4, recon={"iterations": 20, "progress": False})
     expected = copy.deepcopy(float_model)
     reference = run_ptq(expected, data, cfg.recipe(), freeze_weights=False)
 

@@ -88,6 +88,18 @@ def test_lp_search_clips_outliers_and_beats_minmax():
     assert err_lp < 0.25 * err_mm
 
 
+def test_lp_search_sample_weighs_every_frame_by_its_size():
+    """The bounded sample stands for everything observed: three equal frames, the first small-valued
+    and the last two large, leave about a third of the sample from the first, whatever the order."""
+    for order in ([1.0, 100.0, 100.0], [100.0, 100.0, 1.0]):
+        obs = observer("lp_search", max_samples=3000)
+        for value in order:
+            obs.observe(torch.full((10000,), value))
+        share_small = (obs.samples == 1.0).float().mean().item()
+        assert obs.samples.shape == (1, 3000) and obs.seen == 30000
+        assert share_small == pytest.approx(1 / 3, abs=0.01)
+
+
 def test_lp_search_is_per_channel_for_weights():
     w = torch.stack([torch.linspace(-1, 1, 101), torch.linspace(-1, 1, 101) * 10])
     w[0, 0] = -8.0  # an outlier only in channel 0

@@ -1,5 +1,6 @@
 """Packaging rules: a light core import and loadable shipped configs."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +24,32 @@ def test_core_import_needs_only_torch_and_numpy():
 def test_shipped_quant_configs_load(path):
     cfg = lidar_ptq.load_quant_config(path)
     assert cfg.to_dict()["weight"]["bits"] == json.loads(path.read_text())["weight"]["bits"]
+
+
+def test_the_wheel_holds_every_module_and_the_mmdet3d_plugin_imports_from_it(tmp_path):
+    """``pip install .`` (not editable) must ship every package: a folder without ``__init__.py`` is
+    silently left out of the wheel, and the plugin would then fail to import only for users."""
+    import zipfile
+
+    from conftest import import_or_skip
+    import_or_skip("mmdet3d")
+    source = tmp_path / "source"  # a clean copy: a build/ folder left in the checkout would hide omissions
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "requirements", "lidar_ptq"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                            if (ROOT / name).is_dir() else {}))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, cwd=tmp_path)
+    wheel = next((tmp_path / "dist").glob("lidar_ptq-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {name for name in archive.namelist() if name.startswith("lidar_ptq/")}
+        archive.extractall(tmp_path / "site")
+    modules = {str(p.relative_to(ROOT)).replace("\\", "/") for p in (ROOT / "lidar_ptq").rglob("*.py")}
+    assert modules - shipped == set()
+    assert any(name.endswith("LICENSE") for name in zipfile.ZipFile(wheel).namelist())
+    code = "import lidar_ptq, lidar_ptq.mmdet3d, lidar_ptq.sim.dataset; print(lidar_ptq.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith(str(tmp_path / "site"))

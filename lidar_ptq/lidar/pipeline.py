@@ -68,9 +68,14 @@ class PTQRecipe:
     equalize_alpha: float = 0.75
     # Empirical bias correction (lidar_ptq.quant.bias_correction) after calibration, before reconstruction.
     bias_correction: bool = False
-    # With bias correction on, each quant candidate is also judged after a correction measured on its
-    # first ``search_bias_frames`` calibration frames (None: all), since the correction reorders them.
-    search_bias_frames: int | None = 4
+    # The range search judges each candidate on the first ``search_frames`` calibration frames (None:
+    # all), with bias correction on also after a correction measured on them (it reorders the rules).
+    # Bounded, the search costs the same at any number of calibration frames (docs/full_size.md).
+    search_frames: int | None = 8
+    # Reconstruction fits on the first ``recon_frames`` of the fitting frames (None: all). It keeps two
+    # activation sets of every frame it fits on in memory (0.4 GB a frame on the stock nuScenes pillar
+    # model), so this bounds its memory (docs/full_size.md).
+    recon_frames: int | None = None
     # The guard's judge: the last ``judge_fraction`` of the calibration batches are kept out of bias
     # correction and reconstruction and the select loss is measured on them alone (0: judge on every
     # calibration frame, the frames the stages were also fitted to).
@@ -109,7 +114,8 @@ class LidarPTQConfig:
     # (lp2: 74.35 against 73.98 mean over 3 draws; benchmarks/range_rules.md).
     grid_candidates: tuple[str, ...] = ("maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99",
                                         "maxmin@all", "lp2@all", "lp3@all", "pct99.99@all")
-    search_bias_frames: int | None = 4
+    search_frames: int | None = 8
+    recon_frames: int | None = None  # reconstruction fits on at most this many frames (bounds its memory)
     # Bias correction and reconstruction are each kept only if they lower TGPL on the calibration frames;
     # > 0 holds this share of the batches out of both and judges on them alone. Off by default: measured
     # at 0.25 (benchmarks/lidar_seeds.md, ablation:judge-heldout) the verdicts were the same on the pillar
@@ -171,7 +177,8 @@ class LidarPTQConfig:
                                       if candidates or self.bias_correction or self.recon_config() else None),
                          equalize=tuple(self.equalize_patterns) if self.equalize_inputs else (),
                          equalize_alpha=self.equalize_alpha, bias_correction=self.bias_correction,
-                         search_bias_frames=self.search_bias_frames, judge_fraction=self.judge_fraction)
+                         search_frames=self.search_frames, recon_frames=self.recon_frames,
+                         judge_fraction=self.judge_fraction)
 
 
 @dataclass
@@ -216,6 +223,19 @@ def take_frames(calib_data: Iterable[Any], frames: int) -> list[Any]:
     if count < frames:
         raise ValueError(f"calibration data holds {count} frames but calib_frames={frames}: pass more frames "
                          "or lower LidarPTQConfig.calib_frames")
+    return taken
+
+
+def first_frames(data: list[Any], frames: int | None) -> list[Any]:
+    """The first batches holding at least ``frames`` frames (None: every batch)."""
+    if frames is None:
+        return data
+    taken, count = [], 0
+    for batch in data:
+        if count >= frames:
+            break
+        taken.append(batch)
+        count += frames_in(batch)
     return taken
 
 
@@ -270,9 +290,9 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
         quant = recipe.quant
         if search:
             with log.stage("range search"):
-                bias_data = (data[:recipe.search_bias_frames] if recipe.search_bias_frames else data)
-                selection = judge_candidates(model, ranges, data, judge.outputs_for(data), recipe.select_loss,
-                                             bias_data if recipe.bias_correction else None)
+                search_data = first_frames(data, recipe.search_frames)
+                selection = judge_candidates(model, ranges, search_data, judge.outputs_for(search_data),
+                                             recipe.select_loss, search_data if recipe.bias_correction else None)
                 best = min(selection, key=selection.get)
                 ranges.apply(model, best)
                 quant = recipe.quant_candidates[best]
@@ -302,10 +322,11 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
     if recipe.recon is not None:
         recon_cfg = saved.recon_config(recipe.recon)
         before = copy.deepcopy(model.state_dict()) if judge is not None else {}
-        float_outputs = judge.outputs_for(fit_data) if judge is not None and recon_cfg.output_loss else None
+        recon_data = first_frames(fit_data, recipe.recon_frames)
+        float_outputs = judge.outputs_for(recon_data) if judge is not None and recon_cfg.output_loss else None
         with log.stage("reconstruction"):
             report, recon_loss, recon_kept = guarded(
-                "reconstruction", judge, lambda: reconstruct(model, fit_data, recon_cfg, float_outputs=float_outputs),
+                "reconstruction", judge, lambda: reconstruct(model, recon_data, recon_cfg, float_outputs=float_outputs),
                 lambda: _restore(model, before))
     with log.stage("freezing"):
         fold_bias_shifts(model)

@@ -6,7 +6,8 @@ tensor to one observer per distinct rule (``_FanOut``), each candidate's ranges 
 those observers, and candidates are judged by loading their ranges into the one quantized model
 in turn: no model copy, no recalibration per candidate. A candidate's score is its task loss
 against the float outputs, or, with bias correction, the better of that and its loss after a
-correction measured on a few frames (the correction reorders the rules).
+correction measured on the same frames (the correction reorders the rules). The caller bounds the
+judging frames, so the search's cost does not grow with the calibration set.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..batches import run_batches
+from ..batches import StopForward, run_batches
 from .modules import QuantModuleMixin
 from .quantizer import QuantMode, temporary_quant_mode
 
@@ -53,6 +53,9 @@ def input_channel_absmax(model: nn.Module, layers: dict[str, QuantModuleMixin], 
 
     handles = [m.register_forward_pre_hook(lambda mod, args, _n=name: hook(mod, args, _n))
                for name, m in layers.items()]
+    enclosing = _enclosing_module(model, layers)
+    if enclosing is not model:  # the rest of the model cannot change these statistics
+        handles.append(enclosing.register_forward_hook(lambda *_: _stop()))
     try:  # the statistics are of the float model (and uncalibrated quantizers cannot run)
         with temporary_quant_mode(model, QuantMode.FLOAT):
             run_batches(model, data)
@@ -60,6 +63,21 @@ def input_channel_absmax(model: nn.Module, layers: dict[str, QuantModuleMixin], 
         for handle in handles:
             handle.remove()
     return absmax
+
+
+def _enclosing_module(model: nn.Module, layers: dict[str, QuantModuleMixin]) -> nn.Module:
+    """The deepest module holding every one of ``layers`` (``model`` itself when only it does)."""
+    paths = [name.split(".") for name in layers]
+    common: list[str] = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return model.get_submodule(".".join(common)) if common else model
+
+
+def _stop() -> None:
+    raise StopForward
 
 
 @torch.no_grad()

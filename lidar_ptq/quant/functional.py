@@ -40,8 +40,21 @@ def range_to_scale(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
     return scale, zero_point
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Quantize-dequantize with STE rounding; gradients reach ``x`` (in range) and ``scale`` (LSQ)."""
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                  zero_is_zero: bool = False) -> torch.Tensor:
+    """Quantize-dequantize with STE rounding; gradients reach ``x`` (in range) and ``scale`` (LSQ).
+
+    Without autograd it works in place on one buffer (the same values: the STE's forward is exact
+    rounding), which halves the memory traffic of judging and calibration passes at full size."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        codes = x / scale
+        codes.round_()
+        if not zero_is_zero:
+            codes.add_(zero_point)
+        codes.clamp_(qmin, qmax)
+        if not zero_is_zero:
+            codes.sub_(zero_point)
+        return codes.mul_(scale)
     codes = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (codes - zero_point) * scale
 

@@ -142,8 +142,9 @@ class LpSearchObserver(MinMaxObserver):
     """Min-max, then a grid search of the clipping range minimising the Lp quantization error.
 
     The candidates shrink the observed range by factors ``1, ..., min_ratio``; the
-    error is measured on a bounded random sample of the observed values (all of a
-    weight tensor), per channel.
+    error is measured per channel on at most ``max_samples`` observed values, a
+    uniform sample of everything observed (every frame weighs by its size, not
+    the last one by default), drawn at a cost linear in what was observed.
     """
 
     def __init__(self, spec: QuantSpec, p: float = 2.4, num_candidates: int = 50, min_ratio: float = 0.2,
@@ -158,8 +159,9 @@ class LpSearchObserver(MinMaxObserver):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.samples: torch.Tensor | None = None
+        self.seen = 0  # values per channel observed so far (the sample stands for all of them)
 
-    record_fields = ("num_observed", "lo", "hi", "samples")
+    record_fields = ("num_observed", "lo", "hi", "samples", "seen")
 
     def record_key(self) -> tuple | None:
         return ("lp_samples", self.sparse, self.max_samples, self.seed)
@@ -167,10 +169,27 @@ class LpSearchObserver(MinMaxObserver):
     def _update(self, rows: torch.Tensor) -> None:
         super()._update(rows)
         rows = rows.cpu()
-        self.samples = rows if self.samples is None else torch.cat([self.samples, rows], dim=1)
-        if self.samples.shape[1] > self.max_samples:
-            keep = torch.randperm(self.samples.shape[1], generator=self.generator)[: self.max_samples]
-            self.samples = self.samples[:, keep.sort().values]
+        new, total = rows.shape[1], self.seen + rows.shape[1]
+        self.seen = total
+        if self.samples is None or total <= self.max_samples:
+            self.samples = rows if self.samples is None else torch.cat([self.samples, rows], dim=1)
+            self.samples = self._pick(self.samples, min(self.samples.shape[1], self.max_samples))
+            return
+        # each retained value stands for total / max_samples observed ones: the new rows get their share
+        from_new = min(new, max(self.max_samples - self.samples.shape[1], round(self.max_samples * new / total)))
+        self.samples = torch.cat([self._pick(self.samples, self.max_samples - from_new), self._pick(rows, from_new)],
+                                 dim=1)
+
+    def _pick(self, rows: torch.Tensor, count: int) -> torch.Tensor:
+        """``count`` of the columns of ``rows``, drawn uniformly without replacement."""
+        if count >= rows.shape[1]:
+            return rows
+        if rows.shape[1] > 4 * count:  # a full permutation of a large tensor costs more than the forward
+            keep = torch.unique(torch.randint(rows.shape[1], (count + count // 2,), generator=self.generator))
+            keep = keep[torch.randperm(keep.numel(), generator=self.generator)[:count]]
+            if keep.numel() == count:
+                return rows[:, keep]
+        return rows[:, torch.randperm(rows.shape[1], generator=self.generator)[:count]]
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = super().compute_range()

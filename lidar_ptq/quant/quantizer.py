@@ -151,7 +151,7 @@ class FakeQuantizer(nn.Module):
         elif self.rounding is not None:
             out = self.rounding(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
         else:
-            out = fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax)
+            out = fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
         if self.drop_prob < 1.0:
             keep_quantized = torch.rand(x.shape, device=x.device) < self.drop_prob
             out = torch.where(keep_quantized, out, x)
