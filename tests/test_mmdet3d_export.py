@@ -17,6 +17,7 @@ from test_mmdet3d_ptq import load_tool  # noqa: E402
 
 import lidar_ptq  # noqa: E402
 import lidar_ptq.mmdet3d  # noqa: E402,F401
+from lidar_ptq.export.checks import ExportError  # noqa: E402
 from lidar_ptq.lidar.recipes import recipe_from_dict  # noqa: E402
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches  # noqa: E402
 from lidar_ptq.mmdet3d.deployed import deployed_parts  # noqa: E402
@@ -177,5 +178,5 @@ def test_export_refuses_float_and_partly_calibrated_models(data, tmp_path):
     with pytest.raises(lidar_ptq.UncalibratedError, match="pts_backbone.blocks.1.0.input_quantizer"):
         export_detector(model, batches[0], tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
-    with pytest.raises(ValueError, match="not quantized"):
+    with pytest.raises(ExportError, match="not quantized"):
         export_detector(MODELS.build(cfg.model), batches[0], tmp_path / "out")

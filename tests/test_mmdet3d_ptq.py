@@ -142,14 +142,57 @@ def test_baseline_recipe_and_skip_float_eval(synthetic):
     assert "fp32" not in metrics and metrics["recipe"] == "maxmin_w8a8" and "det/mAP" in metrics["int8"]
 
 
-def test_missing_inputs_are_clear_errors(synthetic, capsys):
+def user_error_cases(synthetic, tmp):
+    """(what the user passed, arguments, what the one-line message must say): docs/quantize.md's table."""
+    config, checkpoint = str(synthetic["config"]), str(synthetic["checkpoint"])
+    bad_json = tmp / "recipe.json"
+    bad_json.write_text("{w_bits: 8")
+    from mmdet3d.registry import MODELS
+    init_default_scope("mmdet3d")
+    other = tmp / "voxel.pth"
+    torch.save({"state_dict": MODELS.build(Config.fromfile(str(VOXEL)).model).state_dict()}, other)
+    return [
+        ("missing config", ["configs/nope.py", checkpoint], "config configs/nope.py does not exist"),
+        ("unknown mmdet3d:: config", ["mmdet3d::centerpoint/nope.py", checkpoint], "cannot load 'mmdet3d::"),
+        ("not a detector config", [str(ROOT / "configs" / "_base_" / "synthetic_lidar.py"), checkpoint],
+         "is not a complete mmdet3d config"),
+        ("missing checkpoint", [config, "missing.pth"], "checkpoint missing.pth does not exist"),
+        ("checkpoint of another model", [config, str(other)], "does not match the model of this config"),
+        ("unknown recipe", [config, checkpoint, "--quant-config", "magic"], "neither a file nor a method name"),
+        ("recipe file not JSON", [config, checkpoint, "--quant-config", str(bad_json)], "is not valid JSON"),
+        ("unknown recipe key", [config, checkpoint, "--quant-options", "w_bitz=4"], "unknown key(s) ['w_bitz']"),
+        ("bit-width out of range", [config, checkpoint, "--quant-options", "w_bits=16"], "w_bits=16"),
+        ("bit-width not a number", [config, checkpoint, "--quant-options", "a_bits=x"], "a_bits='x'"),
+        ("unknown reconstruction key", [config, checkpoint, "--quant-options", "recon.iteratons=5"],
+         "unknown reconstruction key(s) ['iteratons']"),
+        ("reconstruction for a calibration-only method",
+         [config, checkpoint, "--quant-config", "maxmin", "--quant-options", "recon.iterations=5"],
+         "does not reconstruct"),
+    ]
+
+
+def test_user_errors_end_with_one_line_and_no_traceback(synthetic, capsys, tmp_path):
     tool = load_tool()
-    assert tool.main(["configs/nope.py", str(synthetic["checkpoint"])]) == 2
-    assert "config configs/nope.py does not exist" in capsys.readouterr().err
+    cases = user_error_cases(synthetic, tmp_path)
+    assert len(cases) >= 12
+    for what, args, message in cases:
+        work = tmp_path / "work" / what.replace(" ", "_")
+        assert tool.main([*args, "--work-dir", str(work)]) == 2, what
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (what, err)
+        assert "Traceback" not in err and not work.exists(), what  # failed before writing anything
+    with pytest.raises(FileNotFoundError):  # --debug shows the real exception
+        tool.main(["configs/nope.py", "x.pth", "--debug"])
+
+
+def test_export_tool_refuses_missing_and_float_checkpoints(synthetic, capsys, tmp_path):
+    tool = load_tool("export")
     assert tool.main([str(synthetic["config"]), "missing.pth"]) == 2
     assert "checkpoint missing.pth does not exist" in capsys.readouterr().err
-    assert tool.main([str(synthetic["config"]), str(synthetic["checkpoint"]), "--quant-config", "magic"]) == 2
-    assert "neither a file nor a method name" in capsys.readouterr().err
+    assert tool.main([str(synthetic["config"]), str(synthetic["checkpoint"]), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not a lidar_ptq quantized checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_checkpoint_of_another_model_is_rejected(synthetic):

@@ -21,6 +21,7 @@ from mmengine.config import DictAction
 from mmengine.registry import init_default_scope
 from quantize import load_config  # tools/ is on sys.path when this script runs
 
+from lidar_ptq.errors import user_error_message
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 
 log = logging.getLogger("lidar_ptq.export")
@@ -36,20 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="picks the training frame used to trace and verify")
     parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime / spconv checks")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    try:
-        cfg = load_config(args.config)
-        cfg.merge_from_dict(args.cfg_options)
-        if not Path(args.checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist (run tools/quantize.py first)")
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    cfg.merge_from_dict(args.cfg_options)
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist (run tools/quantize.py first)")
     from mmdet3d.registry import MODELS
 
     import lidar_ptq.mmdet3d  # noqa: F401  (registries)
@@ -57,19 +53,29 @@ def main(argv: list[str] | None = None) -> int:
     from lidar_ptq.mmdet3d.ptq import load_quantized
 
     init_default_scope("mmdet3d")
-    ensure_synthetic_data(cfg)
     model = MODELS.build(cfg.model)
-    try:
-        load_quantized(model, args.checkpoint)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    load_quantized(model, args.checkpoint)  # a float checkpoint is refused here, before any frame is loaded
+    ensure_synthetic_data(cfg)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "export"
     manifest = export_detector(model.eval(), sample_batch(cfg, model, args.seed), out,
                                sparse_precision={p: "fp16" for p in args.sparse_fp16}, verify=not args.no_verify)
     print(summarize(manifest))
     print(f"export in {out} (manifest.json describes every file; docs/deploy_jetson.md builds the engines)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Expected user errors end with one line and exit code 2; ``--debug`` shows their traceback."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    try:
+        return run(args)
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None or args.debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from mmengine.config import Config, DictAction
 from mmengine.hub import get_config
 from mmengine.runner import Runner
 
+from lidar_ptq.errors import ConfigError, user_error_message
 from lidar_ptq.lidar.recipes import resolve_recipe
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also export for deployment (ONNX Q/DQ, libspconv, TensorRT caches); default W/export")
     parser.add_argument("--sparse-fp16", nargs="*", default=[], metavar="PATTERN",
                         help="with --export: sparse layers kept in FP16 on libspconv, e.g. '*conv_input*'")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -88,7 +90,7 @@ def build_cfg(args: argparse.Namespace) -> Config:
     if args.calib_frames is None:
         args.calib_frames = hook.get("calib_frames")
     if cfg.get("model") is None or cfg.get("test_dataloader") is None or cfg.get("test_evaluator") is None:
-        raise ValueError(f"{args.config} is not a complete mmdet3d config (needs model, test_dataloader and "
+        raise ConfigError(f"{args.config} is not a complete mmdet3d config (needs model, test_dataloader and "
                          "test_evaluator); pass a detector config, not a dataset or schedule base")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
@@ -120,23 +122,49 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    try:
-        cfg = build_cfg(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def check_checkpoint(cfg: Config, path: str) -> None:
+    """Build the float model and load ``path`` strictly: a checkpoint of another model fails in seconds,
+    before the datasets are built and the float model is evaluated."""
+    from mmdet3d.registry import MODELS
+    from mmengine.registry import init_default_scope
+    from mmengine.utils import import_modules_from_strings
+
+    from lidar_ptq.mmdet3d.ptq import load_float_checkpoint
+
+    import_modules_from_strings(**cfg.custom_imports)
+    init_default_scope(cfg.get("default_scope", "mmdet3d"))
+    load_float_checkpoint(MODELS.build(cfg.model), path)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_cfg(args)
+    check_checkpoint(cfg, args.checkpoint)
     ensure_synthetic_data(cfg)
     runner = Runner.from_cfg(cfg)
     runner.test()
     metrics = runner.test_loop.metrics
     print(metrics_table(metrics))
+    if not any(metrics.get(kind) for kind in ("fp32", "int8")):
+        print("note: the evaluator returned no metric (with format_only=True it only writes result files); "
+              "evaluate with format_only=False and ground truth to compare FP32 and INT8")
     print(f"results in {cfg.work_dir}: metrics.json, quantized.pth, quant_params.json"
           + (f"; deployment files in {cfg.test_cfg.export_dir}" if cfg.test_cfg.get("export_dir") else ""))
     json.dumps(metrics, default=float)  # fail here, not in a consumer, if something is not serialisable
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Expected user errors end with one line and exit code 2; ``--debug`` shows their traceback."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    try:
+        return run(args)
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None or args.debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

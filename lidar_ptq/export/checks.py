@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import LidarPTQError
 from ..quant.quantizer import FakeQuantizer, UncalibratedError
 
 
-class ExportError(RuntimeError):
+class ExportError(LidarPTQError, RuntimeError):
     """The model cannot be expressed in the requested deployment format."""
 
 

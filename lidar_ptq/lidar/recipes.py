@@ -22,6 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ..errors import RecipeError
 from ..recon.engine import ReconConfig
 from .pipeline import LidarPTQConfig, PTQRecipe
 from .tgpl import TGPLConfig
@@ -43,30 +44,48 @@ def _baseline(method: str, spec: Mapping[str, Any]) -> PTQRecipe:
     if method in ("brecq", "qdrop"):
         recon = ReconConfig.from_method(method, **dict(spec.get("recon", {})))
     elif spec.get("recon"):
-        raise ValueError(f"method {method!r} does not reconstruct; drop 'recon' or use brecq/qdrop/lidar_ptq")
+        raise RecipeError(f"method {method!r} does not reconstruct; drop 'recon' or use brecq/qdrop/lidar_ptq")
     return PTQRecipe(f"{method}_w{w_bits}a{a_bits}", quant, recon, False, int(spec.get("calib_frames", 256)),
                      dict(spec), equalize=tuple(spec.get("equalize", ())),
                      equalize_alpha=float(spec.get("equalize_alpha", 0.75)),
                      bias_correction=bool(spec.get("bias_correction", False)))
 
 
+def _check_values(spec: Mapping[str, Any]) -> None:
+    """Bit-widths and reconstruction keys, checked before anything runs (not after the float evaluation)."""
+    for key in ("w_bits", "a_bits"):
+        value = spec.get(key, 8)
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+            raise RecipeError(f"{key}={value!r} in the PTQ recipe: use an integer bit-width from 2 to 8 "
+                              "(INT8 engines run 8; 4 is weight-only compression)")
+    recon = spec.get("recon") or {}
+    if not isinstance(recon, Mapping):
+        raise RecipeError(f"'recon' in the PTQ recipe must be a dict of reconstruction settings, got {recon!r}")
+    valid = {f.name for f in fields(ReconConfig)}
+    unknown = sorted(set(recon) - valid)
+    if unknown:
+        raise RecipeError(f"unknown reconstruction key(s) {unknown} in the PTQ recipe ('recon'); valid: "
+                          f"{sorted(valid)}")
+
+
 def recipe_from_dict(spec: Mapping[str, Any]) -> PTQRecipe:
     """A recipe from its dict form; unknown methods or keys are errors that list the valid ones."""
     method = spec.get("method", "lidar_ptq")
     if method not in METHODS:
-        raise ValueError(f"unknown PTQ method {method!r}; choose from {list(METHODS)}")
+        raise RecipeError(f"unknown PTQ method {method!r}; choose from {list(METHODS)}")
+    _check_values(spec)
     if method != "lidar_ptq":
         allowed = {"method", "name", "w_bits", "a_bits", "observer_kwargs", "overrides", "recon", "calib_frames",
                    "equalize", "equalize_alpha", "bias_correction"}
         unknown = sorted(set(spec) - allowed)
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in a {method!r} recipe; valid: {sorted(allowed)}")
+            raise RecipeError(f"unknown key(s) {unknown} in a {method!r} recipe; valid: {sorted(allowed)}")
         recipe = _baseline(method, spec)
     else:
         known = {f.name for f in fields(LidarPTQConfig)}
         unknown = sorted(set(spec) - known - {"method", "name"})
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in a lidar_ptq recipe; valid: {sorted(known)}")
+            raise RecipeError(f"unknown key(s) {unknown} in a lidar_ptq recipe; valid: {sorted(known)}")
         kwargs = {k: v for k, v in spec.items() if k in known}
         if isinstance(kwargs.get("tgpl_config"), Mapping):
             kwargs["tgpl_config"] = TGPLConfig(**kwargs["tgpl_config"])
@@ -94,7 +113,7 @@ def load_recipe(recipe: str | Path | Mapping[str, Any] | PTQRecipe | None) -> PT
     try:
         return recipe_from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as err:
-        raise ValueError(f"PTQ recipe {path} is not valid JSON: {err}") from err
+        raise RecipeError(f"PTQ recipe {path} is not valid JSON: {err}") from err
 
 
 def merge_options(spec: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,7 +133,7 @@ def resolve_recipe(recipe: str | Path | Mapping[str, Any] | PTQRecipe | None, ca
     """``load_recipe`` plus command-line style overrides (dotted options, calibration frames)."""
     if isinstance(recipe, PTQRecipe):
         if options or calib_frames is not None:
-            raise ValueError("overrides apply to recipe dicts/files/names, not to a built PTQRecipe")
+            raise RecipeError("overrides apply to recipe dicts/files/names, not to a built PTQRecipe")
         return recipe
     spec = dict(recipe) if isinstance(recipe, Mapping) else load_recipe(recipe).source
     spec = merge_options(spec, options or {})

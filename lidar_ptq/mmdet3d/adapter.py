@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import LidarPTQError
+
 log = logging.getLogger(__name__)
 
 LAYOUTS = {  # attribute prefix of the LiDAR branch -> how to run it
@@ -27,7 +29,7 @@ LAYOUTS = {  # attribute prefix of the LiDAR branch -> how to run it
 }
 
 
-class UnsupportedDetectorError(TypeError):
+class UnsupportedDetectorError(LidarPTQError, TypeError):
     """The detector has no voxel/pillar LiDAR branch this adapter can run."""
 
 

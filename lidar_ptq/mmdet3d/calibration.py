@@ -20,6 +20,7 @@ from mmengine.dist import all_gather_object, get_dist_info
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from ..errors import CalibrationDataError
 from .adapter import DetectorBatch, move_to
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset", "ConcatDatas
 
 def _base_dataset_cfg(cfg: Any) -> dict[str, Any]:
     if cfg.get("train_dataloader") is None:
-        raise ValueError("the config has no train_dataloader: calibration frames come from its training set "
+        raise CalibrationDataError("the config has no train_dataloader: calibration frames come from its training set "
                          "(add one, or pass an explicit list of calibration batches)")
     dataset = copy.deepcopy(cfg.train_dataloader.dataset)
     while dataset.get("type") in WRAPPERS and "dataset" in dataset:  # CBGS/repeat wrappers: the inner set
@@ -43,7 +44,7 @@ def _test_pipeline(cfg: Any) -> list[dict[str, Any]]:
             return copy.deepcopy(loader["dataset"]["pipeline"])
     if cfg.get("test_pipeline") is not None:
         return copy.deepcopy(cfg.test_pipeline)
-    raise ValueError("the config has no test pipeline (test_dataloader.dataset.pipeline or test_pipeline)")
+    raise CalibrationDataError("the config has no test pipeline (test_dataloader.dataset.pipeline or test_pipeline)")
 
 
 def build_calibration_loader(cfg: Any, frames: int, seed: int = 0, batch_size: int = 1,
@@ -56,7 +57,7 @@ def build_calibration_loader(cfg: Any, frames: int, seed: int = 0, batch_size: i
     ds_cfg["test_mode"] = True  # no GT filtering or augmentation-only steps
     dataset = DATASETS.build(ds_cfg)
     if len(dataset) < frames:
-        raise ValueError(f"the calibration set ({ds_cfg.get('ann_file')}) has {len(dataset)} frames but "
+        raise CalibrationDataError(f"the calibration set ({ds_cfg.get('ann_file')}) has {len(dataset)} frames but "
                          f"{frames} were asked for: lower --calib-frames / calib_frames or use a larger set")
     indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=frames, replace=False))
     rank, world = get_dist_info()
@@ -68,8 +69,8 @@ def check_points(points: torch.Tensor, frame: str) -> bool:
     """NaN/Inf points are an error; an empty frame a warning (returns False: nothing to calibrate on)."""
     if not torch.isfinite(points).all():
         bad = int((~torch.isfinite(points)).any(dim=1).sum())
-        raise ValueError(f"frame {frame} has {bad} point(s) with NaN/Inf values: clean the point cloud, or drop "
-                         "them in the pipeline (PointsRangeFilter removes non-finite points)")
+        raise CalibrationDataError(f"frame {frame} has {bad} point(s) with NaN/Inf values: clean the point cloud, "
+                                   "or drop them in the pipeline (PointsRangeFilter removes non-finite points)")
     if points.shape[0] == 0:
         log.warning("frame %s has no points (inside the point cloud range); it is skipped", frame)
         return False
@@ -99,5 +100,5 @@ def collect_batches(model: Any, loader: DataLoader, progress: bool = True) -> li
         gathered = all_gather_object(batches)
         batches = [b for rank_batches in gathered for b in rank_batches]
     if not batches:
-        raise ValueError("every calibration frame was empty: check the dataset paths and point_cloud_range")
+        raise CalibrationDataError("every calibration frame was empty: check the dataset paths and point_cloud_range")
     return batches

@@ -8,6 +8,8 @@ import torch
 from mmengine.evaluator import Evaluator
 from mmengine.runner import Runner
 
+from ..errors import CalibrationDataError
+
 
 def build_test_loader(cfg: Any, frames: int | None = None) -> Any:
     """The config's test dataloader, on its first ``frames`` frames (all when None), no workers."""
@@ -17,8 +19,9 @@ def build_test_loader(cfg: Any, frames: int | None = None) -> Any:
         loader_cfg["dataset"] = {**loader_cfg["dataset"], "indices": frames}
     loader = Runner.build_dataloader(loader_cfg)
     if frames is not None and len(loader.dataset) < frames:  # mmengine silently keeps what there is
-        raise ValueError(f"the test set holds {len(loader.dataset)} frames but {frames} were asked for: ask for "
-                         "fewer, or generate more (synthetic data: python -m lidar_ptq.sim.dataset --val N)")
+        raise CalibrationDataError(f"the test set holds {len(loader.dataset)} frames but {frames} were asked for: "
+                                   "ask for fewer, or generate more (synthetic data: "
+                                   "python -m lidar_ptq.sim.dataset --val N)")
     return loader
 
 

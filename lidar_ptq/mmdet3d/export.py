@@ -34,7 +34,7 @@ from mmdet3d.models.middle_encoders import SparseEncoder
 from torch import nn
 
 from .. import __version__
-from ..export.checks import require_exportable
+from ..export.checks import ExportError, require_exportable
 from ..export.onnx_qdq import export_onnx
 from ..export.runtime import ort_session
 from ..export.sparse_onnx import (
@@ -369,7 +369,7 @@ def export_detector(model: nn.Module, batch: DetectorBatch, out_dir: str | os.Pa
     detector = unwrap_model(model)
     adapter = DetectorAdapter(detector).eval()
     if not any(isinstance(m, QuantModuleMixin) for m in adapter.modules()):
-        raise ValueError("the model is not quantized: run tools/quantize.py first (or load its quantized.pth)")
+        raise ExportError("the model is not quantized: run tools/quantize.py first (or load its quantized.pth)")
     if batch.num_frames != 1:
         raise ValueError("export traces batch size 1: pass a single-frame batch")
     require_exportable(adapter, symmetric=True)  # before anything runs or is written: names every problem

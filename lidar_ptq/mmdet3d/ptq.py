@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..api import format_summary, iter_quantizers, quant_summary, quantize
+from ..errors import LidarPTQError
 from ..lidar.pipeline import LidarPTQReport, PTQRecipe, run_ptq
 from ..lidar.recipes import load_recipe
 from ..lidar.stage_log import StageLog
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(LidarPTQError, RuntimeError):
     """A checkpoint's keys or shapes do not fit the model built from the config."""
 
 
@@ -166,8 +167,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     state = torch.load(path, map_location="cpu", weights_only=False)
     meta = state.get("meta", {}).get("lidar_ptq") if isinstance(state, dict) else None
     if meta is None:
-        raise ValueError(f"{path} is not a lidar_ptq quantized checkpoint (no meta.lidar_ptq); it may be a float "
-                         "checkpoint: quantize it with tools/quantize.py first")
+        raise CheckpointMismatchError(f"{path} is not a lidar_ptq quantized checkpoint (no meta.lidar_ptq); it may be "
+                                      "a float checkpoint: quantize it with tools/quantize.py first")
     detector = unwrap_model(model)
     recipe = PTQRecipe(meta["recipe_name"], meta["quant"])
     prepare(detector, recipe)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from ..errors import QuantConfigError
 from .spec import QuantSpec
 
 DEFAULT_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, per_channel=True, observer="minmax")
@@ -57,14 +58,14 @@ class QuantConfig:
         """Validate a plain dict; unknown keys fail with the list of valid ones."""
         unknown = sorted(set(cfg) - _TOP_KEYS)
         if unknown:
-            raise KeyError(f"unknown quant config key(s) {unknown}; valid keys are {sorted(_TOP_KEYS)}")
+            raise QuantConfigError(f"unknown quant config key(s) {unknown}; valid keys are {sorted(_TOP_KEYS)}")
         overrides: list[tuple[str, dict[str, Any]]] = []
         for pattern, rule in dict(cfg.get("overrides") or {}).items():
             if not isinstance(rule, Mapping):
                 raise TypeError(f"override {pattern!r} must be a dict like {{'enable': False}}, got {rule!r}")
             bad = sorted(set(rule) - _OVERRIDE_KEYS)
             if bad:
-                raise KeyError(f"override {pattern!r} has unknown key(s) {bad}; "
+                raise QuantConfigError(f"override {pattern!r} has unknown key(s) {bad}; "
                                f"valid keys are {sorted(_OVERRIDE_KEYS)}")
             overrides.append((str(pattern), dict(rule)))
         roles = {role: {**updates, **dict(cfg.get(role) or {})} for role, updates in DEFAULT_ROLES.items()}

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..errors import LidarPTQError
 from .functional import broadcast_shape, fake_quantize, fake_quantize_log2, grad_scale, quantize_to_int, range_to_scale
 from .observers import Observer, build_observer
 from .spec import QuantSpec
@@ -22,7 +23,7 @@ class QuantMode(str, enum.Enum):
     QUANTIZE = "quantize"    # fake-quantize with the calibrated scale
 
 
-class UncalibratedError(RuntimeError):
+class UncalibratedError(LidarPTQError, RuntimeError):
     """A quantizer was used (or exported) before it received a range."""
 
 
