@@ -53,3 +53,24 @@ def test_the_wheel_holds_every_module_and_the_mmdet3d_plugin_imports_from_it(tmp
                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith(str(tmp_path / "site"))
+
+
+@pytest.mark.parametrize("package", ["quant", "recon", "lidar", "export"])
+def test_the_core_never_reaches_into_the_mmdet3d_integration(package):
+    """The core serves any model: neither it nor its lazy imports name mmdet3d, mmengine or mmcv."""
+    import ast
+    offenders = []
+    for path in sorted((ROOT / "lidar_ptq" / package).rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = ["." * node.level + (node.module or "")]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("lidar_ptq."):
+                names = [node.value]  # importlib.import_module("lidar_ptq....")
+            for name in names:
+                if any(part in ("mmdet3d", "mmengine", "mmcv") for part in name.lstrip(".").split(".")):
+                    offenders.append(f"{path.relative_to(ROOT)}: {name}")
+    assert offenders == []

@@ -1,4 +1,8 @@
-"""Optional layer integrations, loaded only for models that need them (keeps ``import lidar_ptq`` light)."""
+"""Optional layer integrations, loaded only for models that need them (keeps ``import lidar_ptq`` light).
+
+An integration registers fake-quant twins or folding rules for another library's layer types. The core
+loads spconv's on demand; a plugin (``lidar_ptq.mmdet3d``) registers its own layers when it is imported.
+"""
 from __future__ import annotations
 
 import importlib
@@ -7,10 +11,6 @@ from torch import nn
 
 
 def load_integrations(model: nn.Module) -> None:
-    """Sparse-conv twins and folding rules need spconv (and mmdet3d's sparse blocks, mmdet3d):
-    load them for models holding such layers."""
-    modules = {type(m).__module__ for m in model.modules()}
-    if any(name.startswith("spconv.") for name in modules):
+    """Sparse-conv twins and folding rules need spconv: load them for models holding spconv layers."""
+    if any(type(m).__module__.startswith("spconv.") for m in model.modules()):
         importlib.import_module("lidar_ptq.quant.sparse")
-    if "mmdet3d.models.layers.sparse_block" in modules:
-        importlib.import_module("lidar_ptq.mmdet3d.sparse_block")

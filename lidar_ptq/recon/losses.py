@@ -35,8 +35,3 @@ def self_label_cross_entropy(output: torch.Tensor, batch: Any) -> torch.Tensor:
     """Label-free classification task loss: cross-entropy against the model's own prediction."""
     return F.cross_entropy(output, output.detach().argmax(dim=1))
 
-
-def output_kl_loss(quant_output: torch.Tensor, float_output: torch.Tensor, batch: Any) -> torch.Tensor:
-    """KL(float || quantized) of classifier logits: an output loss for classification models."""
-    return F.kl_div(F.log_softmax(quant_output, 1), F.log_softmax(float_output, 1), log_target=True,
-                    reduction="batchmean")
