@@ -28,6 +28,13 @@ def test_linearity_projection_and_verdicts():
     assert scale.linearity(rows, "nus-pillar", "calibration") < 1.0  # a fixed part makes it sub-linear
     assert scale.linearity(rows, "nus-pillar", "bias correction") == 4.0  # quadratic: 16x the time for 4x frames
     assert abs(scale.projection(rows, "nus-pillar", "range search") - 20.0 * 256) < 1e-6
+    # a stage bounded by a frame cap (equal times, noise sloping down) is projected at its largest measured time
+    capped = [{"model": "nus-pillar", "frames": f, "stage": "range search", "seconds": t, "forwards": 248,
+               "peak_rss_mb": 2000.0} for f, t in ((8, 500.0), (32, 450.0))]
+    assert scale.projection(capped, "nus-pillar", "range search") == 450.0
+    # the total is the sum of its stages' projections
+    parts = sum(scale.projection(rows, "nus-pillar", s) for s in ("calibration", "range search", "bias correction"))
+    assert abs(scale.projection(rows, "nus-pillar", "total") - parts) < 1e-6
     lines = "\n".join(scale.verdicts(rows, "nus-pillar"))
     assert "missed by bias correction (4.00x)" in lines
     total_32 = next(r for r in rows if r["frames"] == 32 and r["stage"] == "total")["seconds"] / 60
