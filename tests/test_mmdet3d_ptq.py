@@ -185,6 +185,13 @@ def test_user_errors_end_with_one_line_and_no_traceback(synthetic, capsys, tmp_p
         tool.main(["configs/nope.py", "x.pth", "--debug"])
 
 
+def test_default_recipe_is_the_documented_file(synthetic):
+    tool = load_tool()
+    args = tool.parse_args([str(synthetic["config"]), str(synthetic["checkpoint"])])
+    tool.build_cfg(args)
+    assert Path(args.quant_config) == ROOT / "configs" / "quant" / "ptq" / "lidar_ptq_w8a8.json"
+
+
 def test_export_tool_refuses_missing_and_float_checkpoints(synthetic, capsys, tmp_path):
     tool = load_tool("export")
     assert tool.main([str(synthetic["config"]), "missing.pth"]) == 2

@@ -8,7 +8,7 @@
 CONFIG: a project config (configs/...), a stock mmdet3d config path, or
 ``mmdet3d::centerpoint/<name>.py``. Q: a recipe JSON (configs/quant/ptq/*.json)
 or a method name (lidar_ptq, maxmin, entropy, percentile, brecq, qdrop); default
-LiDAR-PTQ W8A8. Writes W/metrics.json (fp32 and int8 side by side),
+configs/quant/ptq/lidar_ptq_w8a8.json. Writes W/metrics.json (fp32 and int8 side by side),
 W/quantized.pth (reloads without calibration: LidarPTQHook(quantized_checkpoint=...)),
 W/quant_params.json (every quantizer's bits, scale/amax, granularity).
 --export also writes the deployment files (tools/export.py; default DIR: W/export).
@@ -31,6 +31,7 @@ from lidar_ptq.lidar.recipes import resolve_recipe
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 
 log = logging.getLogger("lidar_ptq.quantize")
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quant" / "ptq" / "lidar_ptq_w8a8.json"
 
 
 def load_config(path: str) -> Config:
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("config")
     parser.add_argument("checkpoint", help="float checkpoint of the model in CONFIG")
     parser.add_argument("--quant-config", help="recipe JSON or method name (default: the config's "
-                        "LidarPTQHook recipe, else LiDAR-PTQ W8A8)")
+                        "LidarPTQHook recipe, else configs/quant/ptq/lidar_ptq_w8a8.json)")
     parser.add_argument("--quant-options", nargs="+", action=DictAction, default={},
                         help="recipe overrides, e.g. recon.iterations=500 w_bits=4")
     parser.add_argument("--work-dir", help="default: work_dirs/ptq/<config name>")
@@ -86,7 +87,7 @@ def build_cfg(args: argparse.Namespace) -> Config:
     cfg.merge_from_dict(args.cfg_options)
     hook = take_hook_settings(cfg)
     if args.quant_config is None:
-        args.quant_config = hook.get("recipe", "lidar_ptq")
+        args.quant_config = hook.get("recipe", str(DEFAULT_RECIPE))
     if args.calib_frames is None:
         args.calib_frames = hook.get("calib_frames")
     if cfg.get("model") is None or cfg.get("test_dataloader") is None or cfg.get("test_evaluator") is None:
