@@ -7,6 +7,8 @@ catch for it (``ValueError`` for bad values, ``RuntimeError`` for a state that f
 from __future__ import annotations
 
 import errno
+import sys
+from collections.abc import Callable
 
 
 class LidarPTQError(Exception):
@@ -43,3 +45,16 @@ def user_error_message(err: BaseException) -> str | None:
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return f"no space left on the device ({err.filename or 'output'}): free space or choose another --work-dir"
     return None
+
+
+def run_reporting_user_errors(body: Callable[[], int], debug: bool = False) -> int:
+    """Run a command-line tool's ``body``: a user error prints ``error: <message>`` and gives exit code 2
+    (``debug`` re-raises it, traceback and all); a bug propagates as it is."""
+    try:
+        return body()
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None or debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2

@@ -21,7 +21,7 @@ from mmengine.config import DictAction
 from mmengine.registry import init_default_scope
 from quantize import load_config  # tools/ is on sys.path when this script runs
 
-from lidar_ptq.errors import user_error_message
+from lidar_ptq.errors import run_reporting_user_errors
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 
 log = logging.getLogger("lidar_ptq.export")
@@ -68,14 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     """Expected user errors end with one line and exit code 2; ``--debug`` shows their traceback."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    try:
-        return run(args)
-    except Exception as err:
-        message = user_error_message(err)
-        if message is None or args.debug:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    return run_reporting_user_errors(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from mmengine.config import Config, DictAction
 from mmengine.hub import get_config
 from mmengine.runner import Runner
 
-from lidar_ptq.errors import ConfigError, user_error_message
+from lidar_ptq.errors import ConfigError, run_reporting_user_errors
 from lidar_ptq.lidar.recipes import resolve_recipe
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 
@@ -158,14 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     """Expected user errors end with one line and exit code 2; ``--debug`` shows their traceback."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    try:
-        return run(args)
-    except Exception as err:
-        message = user_error_message(err)
-        if message is None or args.debug:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    return run_reporting_user_errors(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -214,22 +214,19 @@ def frames_in(batch: Any) -> int:
 
 def take_frames(calib_data: Iterable[Any], frames: int) -> list[Any]:
     """The first batches holding ``frames`` frames; too few frames is an error, not a silent shortfall."""
-    taken, count = [], 0
-    for batch in calib_data:
-        if count >= frames:
-            break
-        taken.append(batch)
-        count += frames_in(batch)
+    taken = first_frames(calib_data, frames)
+    count = sum(frames_in(b) for b in taken)
     if count < frames:
         raise ValueError(f"calibration data holds {count} frames but calib_frames={frames}: pass more frames "
                          "or lower LidarPTQConfig.calib_frames")
     return taken
 
 
-def first_frames(data: list[Any], frames: int | None) -> list[Any]:
-    """The first batches holding at least ``frames`` frames (None: every batch)."""
+def first_frames(data: Iterable[Any], frames: int | None) -> list[Any]:
+    """The first batches holding at least ``frames`` frames, or all there are (None: every batch).
+    Stops reading ``data`` once it has them (a loader is not run to its end)."""
     if frames is None:
-        return data
+        return list(data)
     taken, count = [], 0
     for batch in data:
         if count >= frames:
