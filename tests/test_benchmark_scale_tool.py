@@ -1,4 +1,4 @@
-"""tools/benchmark_scale.py report: linearity, the 256-frame projection and the target verdicts."""
+"""tools/benchmark_scale.py report: linearity, the 256-frame projection and the cost-goal verdicts."""
 import importlib.util
 from pathlib import Path
 
