@@ -122,7 +122,8 @@ def test_hook_route_gives_the_same_quantized_metrics(quantized_run, synthetic):
     _, work = quantized_run
     loop_metrics = json.loads((work / "metrics.json").read_text())["int8"]
     cfg = Config.fromfile(str(synthetic["config"]))
-    cfg.custom_hooks = [dict(type="LidarPTQHook", recipe="lidar_ptq", calib_frames=3,
+    recipe = str(ROOT / "configs" / "quant" / "ptq" / "lidar_ptq_w8a8.json")  # the CLI's default
+    cfg.custom_hooks = [dict(type="LidarPTQHook", recipe=recipe, calib_frames=3,
                              recipe_options={"recon.iterations": 3, "recon.output_loss_every": 2,
                                              "grid_candidates": ["maxmin", "lp4"]})]
     cfg.load_from = str(synthetic["checkpoint"])
