@@ -92,7 +92,7 @@ def build_cfg(args: argparse.Namespace) -> Config:
         args.calib_frames = hook.get("calib_frames")
     if cfg.get("model") is None or cfg.get("test_dataloader") is None or cfg.get("test_evaluator") is None:
         raise ConfigError(f"{args.config} is not a complete mmdet3d config (needs model, test_dataloader and "
-                         "test_evaluator); pass a detector config, not a dataset or schedule base")
+                          "test_evaluator); pass a detector config, not a dataset or schedule base")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     options = dict(args.quant_options)

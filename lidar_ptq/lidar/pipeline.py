@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ..api import calibrate, quantize
 from ..batches import call_model
+from ..errors import CalibrationDataError
 from ..quant.bias_correction import correct_biases, drop_bias_shifts, fold_bias_shifts
 from ..quant.equalize import equalize_inputs
 from ..quant.quantizer import QuantMode, temporary_quant_mode
@@ -219,8 +220,8 @@ def take_frames(calib_data: Iterable[Any], frames: int) -> list[Any]:
     taken = first_frames(calib_data, frames)
     count = sum(frames_in(b) for b in taken)
     if count < frames:
-        raise ValueError(f"calibration data holds {count} frames but calib_frames={frames}: pass more frames "
-                         "or lower LidarPTQConfig.calib_frames")
+        raise CalibrationDataError(f"calibration data holds {count} frames but calib_frames={frames}: pass more "
+                                   "frames or lower LidarPTQConfig.calib_frames")
     return taken
 
 

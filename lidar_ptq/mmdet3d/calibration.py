@@ -20,7 +20,7 @@ from mmengine.dist import all_gather_object, get_dist_info
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, ConfigError
 from .adapter import DetectorBatch, move_to
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset", "ConcatDatas
 
 def _base_dataset_cfg(cfg: Any) -> dict[str, Any]:
     if cfg.get("train_dataloader") is None:
-        raise CalibrationDataError("the config has no train_dataloader: calibration frames come from its training set "
-                         "(add one, or pass an explicit list of calibration batches)")
+        raise ConfigError("the config has no train_dataloader: calibration frames come from its training set "
+                          "(add one, or pass an explicit list of calibration batches)")
     dataset = copy.deepcopy(cfg.train_dataloader.dataset)
     while dataset.get("type") in WRAPPERS and "dataset" in dataset:  # CBGS/repeat wrappers: the inner set
         dataset = dataset["dataset"]
@@ -44,7 +44,7 @@ def _test_pipeline(cfg: Any) -> list[dict[str, Any]]:
             return copy.deepcopy(loader["dataset"]["pipeline"])
     if cfg.get("test_pipeline") is not None:
         return copy.deepcopy(cfg.test_pipeline)
-    raise CalibrationDataError("the config has no test pipeline (test_dataloader.dataset.pipeline or test_pipeline)")
+    raise ConfigError("the config has no test pipeline (test_dataloader.dataset.pipeline or test_pipeline)")
 
 
 def build_calibration_loader(cfg: Any, frames: int, seed: int = 0, batch_size: int = 1,
@@ -58,7 +58,7 @@ def build_calibration_loader(cfg: Any, frames: int, seed: int = 0, batch_size: i
     dataset = DATASETS.build(ds_cfg)
     if len(dataset) < frames:
         raise CalibrationDataError(f"the calibration set ({ds_cfg.get('ann_file')}) has {len(dataset)} frames but "
-                         f"{frames} were asked for: lower --calib-frames / calib_frames or use a larger set")
+                                   f"{frames} were asked for: lower --calib-frames / calib_frames or use a larger set")
     indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=frames, replace=False))
     rank, world = get_dist_info()
     return DataLoader(Subset(dataset, indices[rank::world].tolist()), batch_size=batch_size, shuffle=False,

@@ -66,7 +66,7 @@ class QuantConfig:
             bad = sorted(set(rule) - _OVERRIDE_KEYS)
             if bad:
                 raise QuantConfigError(f"override {pattern!r} has unknown key(s) {bad}; "
-                               f"valid keys are {sorted(_OVERRIDE_KEYS)}")
+                                       f"valid keys are {sorted(_OVERRIDE_KEYS)}")
             overrides.append((str(pattern), dict(rule)))
         roles = {role: {**updates, **dict(cfg.get(role) or {})} for role, updates in DEFAULT_ROLES.items()}
         config = cls(weight=DEFAULT_WEIGHT.updated(cfg.get("weight")),
