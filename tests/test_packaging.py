@@ -1,5 +1,6 @@
 """Packaging rules: a light core import and loadable shipped configs."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,22 +36,23 @@ def test_the_wheel_holds_every_module_and_the_mmdet3d_plugin_imports_from_it(tmp
     import_or_skip("mmdet3d")
     source = tmp_path / "source"  # a clean copy: a build/ folder left in the checkout would hide omissions
     source.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "requirements", "lidar_ptq"):
-        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
-        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                            if (ROOT / name).is_dir() else {}))
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in ("requirements", "lidar_ptq"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path / "dist")], check=True, capture_output=True, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("lidar_ptq-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
-        shipped = {name for name in archive.namelist() if name.startswith("lidar_ptq/")}
+        names = archive.namelist()
         archive.extractall(tmp_path / "site")
+    shipped = {name for name in names if name.startswith("lidar_ptq/")}
     modules = {str(p.relative_to(ROOT)).replace("\\", "/") for p in (ROOT / "lidar_ptq").rglob("*.py")}
     assert modules - shipped == set()
-    assert any(name.endswith("LICENSE") for name in zipfile.ZipFile(wheel).namelist())
+    assert any(name.endswith("LICENSE") for name in names)
     code = "import lidar_ptq, lidar_ptq.mmdet3d, lidar_ptq.sim.dataset; print(lidar_ptq.__file__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")})
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith(str(tmp_path / "site"))
 
