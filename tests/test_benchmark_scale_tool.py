@@ -54,4 +54,4 @@ def test_report_renders_every_measured_stage_and_run():
     text = scale.render({"meta": meta, "rows": rows, "runs": runs})
     assert "## nus-pillar (93 quantized layers)" in text
     assert "| range search | 2.0 / 2 / 1100 | 8.0 / 8 / 1400 |" in text
-    assert "32 frames not measured" in text and "{'recon.iterations': 4}" in text
+    assert "32 frames not measured" in text and 'Recipe overrides: {"recon.iterations": 4}.' in text

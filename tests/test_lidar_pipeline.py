@@ -164,6 +164,12 @@ def test_reconstruction_is_undone_when_it_raises_the_task_loss(monkeypatch, sabo
         assert all(torch.equal(state[k], reference[k]) for k in state)
     else:
         assert any(not torch.equal(state[k], reference[k]) for k in reference)
+    if sabotage:  # without guards (the paper's recipe) the sabotaged reconstruction stays
+        unguarded = copy.deepcopy(float_model)
+        report = run_lidar_ptq(unguarded, data, LidarPTQConfig(**stages, guards=False,
+                                                               recon={"iterations": 60, "progress": False}))
+        assert report.recon_kept and report.recon_loss == {}
+        assert any(not torch.equal(unguarded.state_dict()[k], reference[k]) for k in reference)
 
 
 def test_reconstruction_sees_the_untouched_float_model():

@@ -107,3 +107,30 @@ def test_disabled_quantizer_is_identity_even_uncalibrated():
     q = FakeQuantizer(QuantSpec(enable=False))
     x = torch.randn(4)
     assert q(x) is x
+
+
+@pytest.mark.parametrize("zero_is_zero", [False, True])
+@pytest.mark.parametrize("shape, scale_shape", [((4, 3, 5, 5), (1, 3, 1, 1)), ((7, 9), ())])
+def test_fake_quantize_backward_equals_the_composed_ste(shape, scale_shape, zero_is_zero):
+    """The memory-lean autograd function gives the values and STE/LSQ gradients of the composed ops."""
+    from lidar_ptq.quant.functional import fake_quantize, round_ste
+
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3).requires_grad_()
+    scale = (torch.rand(scale_shape) * 0.1 + 0.02).requires_grad_()
+    zero_point = torch.zeros(scale_shape) if zero_is_zero else torch.randint(-20, 20, scale_shape).float()
+    upstream = torch.randn(shape)
+    lean = fake_quantize(x, scale, zero_point, -128, 127, zero_is_zero)
+    grad_x, grad_scale = torch.autograd.grad((lean * upstream).sum(), (x, scale))
+    codes = torch.clamp(round_ste(x / scale) + zero_point, -128, 127)
+    composed = (codes - zero_point) * scale
+    ref_x, ref_scale = torch.autograd.grad((composed * upstream).sum(), (x, scale))
+    assert torch.equal(lean, composed)
+    assert torch.allclose(grad_x, ref_x, atol=1e-6)
+    assert torch.allclose(grad_scale, ref_scale, rtol=1e-5, atol=1e-4)
+    unclamped = torch.round(x / scale).detach() + zero_point
+    assert torch.equal(grad_x != 0, (unclamped >= -128) & (unclamped <= 127))  # clipped codes pass no gradient
+    assert not torch.equal(grad_x != 0, torch.ones_like(grad_x, dtype=torch.bool))
+    fixed = fake_quantize(x, scale.detach(), zero_point, -128, 127, zero_is_zero)  # a fixed step: a saved mask
+    (fixed_x,) = torch.autograd.grad((fixed * upstream).sum(), x)
+    assert torch.equal(fixed, composed) and torch.equal(fixed_x, grad_x)

@@ -124,6 +124,22 @@ def test_capture_spilled_to_disk_equals_ram(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_tensor_store_holds_appended_tensors_without_a_copy_and_indexes_across_them():
+    parts = [torch.randn(n, 3, 2) for n in (1, 4, 2, 1, 5)]
+    full = torch.cat(parts)
+    store = TensorStore()
+    for part in parts:
+        store.append(part)
+    store.finalize()
+    # a batch's own rows are the appended tensor itself: a held activation is not stored twice
+    assert store.get(slice(1, 5)).data_ptr() == parts[1].data_ptr()
+    for rows in (slice(0, 1), slice(3, 9), slice(0, 13), slice(12, 13), slice(0, 13, 3), slice(13, 13)):
+        assert torch.equal(store.get(rows), full[rows]), rows
+    index = torch.tensor([12, 0, 5, 5, 7])
+    assert torch.equal(store.get(index), full[index])
+    assert store.mean_square(chunk=4) == pytest.approx(float(full.double().pow(2).mean()))
+
+
 def test_tensor_store_rejects_changing_shapes():
     store = TensorStore()
     store.append(torch.zeros(2, 3))

@@ -78,3 +78,7 @@ def test_generate_writes_mmdet3d_infos_and_resumes(tmp_path):
     stamp = paths["val"].stat().st_mtime_ns
     generate(spec, workers=1, progress=False)  # both info files exist: nothing is regenerated
     assert paths["val"].stat().st_mtime_ns == stamp
+    shorter = pickle.loads(paths["val"].read_bytes())["data_list"]
+    longer = generate(DatasetSpec(str(tmp_path), {"train": 3, "val": 3}, seed=1), workers=1, progress=False)
+    grown = pickle.loads(longer["val"].read_bytes())["data_list"]
+    assert len(grown) == 3 and grown[:2] == shorter  # a longer split starts with the shorter one's frames

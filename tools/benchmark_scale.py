@@ -10,7 +10,7 @@ is appended to the JSON as it finishes, so a killed benchmark resumes.
 
     python tools/benchmark_scale.py [--models nus-pillar synthetic-pillar ...] [--frames 1 4 8 16 32]
                                     [--recipe configs/quant/ptq/lidar_ptq_w8a8_cpu.json] [--export]
-                                    [--out benchmarks/scale.json] [--fresh]
+                                    [--out benchmarks/scale.json] [--fresh | --again]
 
 Writes ``benchmarks/scale.json`` ({"meta", "rows": [{"model", "frames", "stage", "seconds", "forwards",
 "peak_rss_mb"}, ...]}, one row per stage and one ``total``), ``benchmarks/scale.md`` (tables, linearity
@@ -136,7 +136,7 @@ def run_one(model_name: str, frames: int, recipe_path: str, options: dict[str, A
                     "ptq_seconds": round(ptq_seconds, 1), "range_rule": min(result.report.selection,
                                                                             key=result.report.selection.get)
                     if result.report.selection else None,
-                    "load_before": os.getloadavg()[0]}}
+                    "load_before": os.getloadavg()[0], "recipe_options": options}}
 
 
 # ----- the driver ---------------------------------------------------------------------------------------
@@ -184,8 +184,8 @@ def render(result: dict[str, Any]) -> str:
     meta, rows = result["meta"], result["rows"]
     models = [m for m in MODEL_CONFIGS if any(r["model"] == m for r in rows)]
     lines = ["# LiDAR-PTQ cost at full size", "",
-             f"Recipe `{meta['recipe']}` (LiDAR-PTQ W8A8, CPU reconstruction budget)"
-             + (f" with {meta['recipe_options']}" if meta.get("recipe_options") else "") + f", seed {meta['seed']}. "
+             f"Recipe `{meta['recipe']}` (LiDAR-PTQ W8A8, CPU reconstruction budget), seed {meta['seed']}; "
+             "recipe overrides, if any, are given per model. "
              f"Machine: {meta['machine']}. Stock nuScenes models carry seeded random weights (cost does not "
              "depend on the weights' values); frames: " + "; ".join(sorted({r['frame_source'] for r in result['runs']}))
              + ".", "",
@@ -209,7 +209,11 @@ def render(result: dict[str, Any]) -> str:
             ratio, projected = linearity(rows, model, stage), projection(rows, model, stage)
             lines.append(f"| {stage} | " + " | ".join(cells) + f" | {'-' if ratio is None else f'{ratio:.2f}'} | "
                          f"{'-' if projected is None else f'{projected:.0f}'} |")
-        lines += ["", "Load average (1 min) before each run: "
+        overrides = {json.dumps(r.get("recipe_options", meta.get("recipe_options", {})), sort_keys=True)
+                      for r in runs.values()}
+        lines += ["", "Recipe overrides: " + ", ".join(sorted(o if o != "{}" else "none (the recipe file as shipped)"
+                                                         for o in overrides)) + ".", ""]
+        lines += ["Load average (1 min) before each run: "
                   + ", ".join(f"{f} frames {runs[f]['load_before']:.1f}" for f in frames if f in runs), ""]
         lines += verdicts(rows, model)
     return "\n".join(lines) + "\n"
@@ -281,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export", action="store_true", help="also export (ONNX, verified) after quantizing")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/scale.json"))
     parser.add_argument("--fresh", action="store_true", help="start a new JSON instead of resuming")
+    parser.add_argument("--again", action="store_true", help="measure the given models and frames again, "
+                        "replacing their rows (other rows are kept)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "FRAMES"), help=argparse.SUPPRESS)
     parser.add_argument("--one-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -302,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         result["meta"]["commands"] = [c for c in commands if c] + [command.strip()]
     for model in args.models:
         for frames in args.frames:
-            if any(r["model"] == model and r["frames"] == frames for r in result["runs"]):
+            if not args.again and any(r["model"] == model and r["frames"] == frames for r in result["runs"]):
                 print(f"[scale] {model} x {frames}: already measured, skipped")
                 continue
             print(f"[scale] {model} x {frames} frames ...", flush=True)
@@ -317,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                 data = json.loads(Path(tmp.name).read_text())
             result["rows"] = [r for r in result["rows"] if not (r["model"] == model and r["frames"] == frames)]
             result["rows"] += data["rows"]
+            result["runs"] = [r for r in result["runs"] if not (r["model"] == model and r["frames"] == frames)]
             result["runs"].append(data["run"])
             total = next(r for r in data["rows"] if r["stage"] == "total")
             print(f"[scale] {model} x {frames}: {total['seconds']:.1f} s, {total['forwards']} forwards, "

@@ -83,6 +83,8 @@ class PTQRecipe:
     # correction and reconstruction and the select loss is measured on them alone (0: judge on every
     # calibration frame, the frames the stages were also fitted to).
     judge_fraction: float = 0.0
+    # Keep bias correction and reconstruction only if they lower the select loss (False: always keep).
+    guards: bool = True
 
 
 @dataclass
@@ -125,6 +127,7 @@ class LidarPTQConfig:
     # model (3 of 3 draws; val mAP 74.14 against 74.17); on the voxel model reconstruction was undone
     # instead (82.74 against 82.71), and at W4A8 fitting on 12 of 16 frames cost about 0.5 mAP.
     judge_fraction: float = 0.0
+    guards: bool = True  # False: bias correction and reconstruction are kept whatever the task loss says
     tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
     tgpl_weight: float = 1.0
     occupancy_source: str | None = None  # module whose output is the scattered BEV map (occupancy mask)
@@ -181,7 +184,7 @@ class LidarPTQConfig:
                          equalize=tuple(self.equalize_patterns) if self.equalize_inputs else (),
                          equalize_alpha=self.equalize_alpha, bias_correction=self.bias_correction,
                          search_frames=self.search_frames, recon_frames=self.recon_frames,
-                         judge_fraction=self.judge_fraction)
+                         judge_fraction=self.judge_fraction, guards=self.guards)
 
 
 @dataclass
@@ -265,6 +268,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
     search = bool(recipe.quant_candidates) and recipe.select_loss is not None
     saved = StageCheckpoints(resume_dir, recipe, data)
     fit_data, judge_data = split_for_judge(data, recipe.judge_fraction if recipe.select_loss is not None else 0.0)
+    guard_judge = None  # set once the judge exists, if the recipe guards its stages
     selection: dict[str, float] = {}
     ranges_state = saved.load("ranges")
     with log.stage("calibration"):
@@ -286,6 +290,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
     if recipe.select_loss is not None:
         with log.stage("float outputs"):
             judge = TaskJudge(model, data, judge_data, recipe.select_loss, log)
+        guard_judge = judge if recipe.guards else None
     if ranges_state is None:
         quant = recipe.quant
         if search:
@@ -313,7 +318,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
     elif recipe.bias_correction:
         with log.stage("bias correction"):
             corrections, bc_loss, bc_kept = guarded(
-                "bias correction", judge,
+                "bias correction", guard_judge,
                 lambda: correct_biases(model, fit_data, fold=False, frames=frames_in), lambda: drop_bias_shifts(model))
         corrections = corrections if bc_kept else {}
         saved.save("bias_correction", {"state": model.state_dict(), "corrections": corrections, "loss": bc_loss,
@@ -321,12 +326,13 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
     report, recon_loss, recon_kept = None, {}, True
     if recipe.recon is not None:
         recon_cfg = saved.recon_config(recipe.recon)
-        before = copy.deepcopy(model.state_dict()) if judge is not None else {}
+        before = copy.deepcopy(model.state_dict()) if guard_judge is not None else {}
         recon_data = first_frames(fit_data, recipe.recon_frames)
         float_outputs = judge.outputs_for(recon_data) if judge is not None and recon_cfg.output_loss else None
         with log.stage("reconstruction"):
             report, recon_loss, recon_kept = guarded(
-                "reconstruction", judge, lambda: reconstruct(model, recon_data, recon_cfg, float_outputs=float_outputs),
+                "reconstruction", guard_judge,
+                lambda: reconstruct(model, recon_data, recon_cfg, float_outputs=float_outputs),
                 lambda: _restore(model, before))
     with log.stage("freezing"):
         fold_bias_shifts(model)

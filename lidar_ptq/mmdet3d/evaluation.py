@@ -9,6 +9,7 @@ from mmengine.evaluator import Evaluator
 from mmengine.runner import Runner
 
 from ..errors import CalibrationDataError
+from .metrics import CenterDistanceMAP
 
 
 def build_test_loader(cfg: Any, frames: int | None = None) -> Any:
@@ -28,9 +29,17 @@ def build_test_loader(cfg: Any, frames: int | None = None) -> Any:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Any, evaluator_cfg: Any) -> dict[str, float]:
     """Run ``model.test_step`` over ``loader`` and score it with the configured evaluator."""
+    return evaluate_frames(model, loader, evaluator_cfg)[0]
+
+
+@torch.no_grad()
+def evaluate_frames(model: torch.nn.Module, loader: Any, evaluator_cfg: Any) -> tuple[dict[str, float], list[Any]]:
+    """``evaluate`` plus the per-frame records of its ``CenterDistanceMAP`` (ground truth and predictions
+    of every frame, in loader order; [] without that metric), for intervals over frames."""
     evaluator = Evaluator(evaluator_cfg)
     evaluator.dataset_meta = loader.dataset.metainfo
     model.eval()
     for data in loader:
         evaluator.process(data_samples=model.test_step(data), data_batch=data)
-    return evaluator.evaluate(len(loader.dataset))
+    frames = [list(m.results) for m in evaluator.metrics if isinstance(m, CenterDistanceMAP)]
+    return evaluator.evaluate(len(loader.dataset)), frames[0] if frames else []

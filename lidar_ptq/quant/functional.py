@@ -40,6 +40,66 @@ def range_to_scale(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
     return scale, zero_point
 
 
+def _quantize_dequantize_(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                          zero_is_zero: bool) -> torch.Tensor:
+    """``codes`` (x / scale, a buffer of its own) rounded, clamped and scaled back, in place."""
+    codes.round_()
+    if not zero_is_zero:
+        codes.add_(zero_point)
+    codes.clamp_(qmin, qmax)
+    if not zero_is_zero:
+        codes.sub_(zero_point)
+    return codes.mul_(scale)
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Gradient of a broadcast operand: ``t`` summed down to ``shape``."""
+    return t.sum_to_size(shape) if t.shape != shape else t
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Quantize-dequantize that keeps little for its backward.
+
+    Composed of autograd ops, one fake quantization keeps two full-size float tensors alive for the
+    backward; on a 512x512 BEV map that is hundreds of MB per layer in every reconstruction step.
+    Here a fixed step keeps a one-byte mask of the codes inside [qmin, qmax]; a learned (LSQ) step
+    keeps the input, alive anyway as the previous layer's output, and recomputes the rounding.
+    Gradients are the STE/LSQ ones: ``x`` passes where the code is inside the range; ``scale`` gets
+    round(x/s) - x/s inside and the clamped code minus the zero point outside."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: torch.Tensor,
+                zero_point: torch.Tensor, qmin: int, qmax: int, zero_is_zero: bool) -> torch.Tensor:
+        ctx.qmin, ctx.qmax = qmin, qmax
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(x, scale, zero_point)
+            return _quantize_dequantize_(x / scale, scale, zero_point, qmin, qmax, zero_is_zero)
+        codes = (x / scale).round_()
+        if not zero_is_zero:
+            codes.add_(zero_point)
+        ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
+        codes.clamp_(qmin, qmax)
+        if not zero_is_zero:
+            codes.sub_(zero_point)
+        return codes.mul_(scale)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if not ctx.needs_input_grad[1]:
+            (inside,) = ctx.saved_tensors
+            return grad * inside, None, None, None, None, None
+        x, scale, zero_point = ctx.saved_tensors
+        codes = x / scale
+        rounded = codes.round()
+        shifted = rounded + zero_point
+        inside = (shifted >= ctx.qmin) & (shifted <= ctx.qmax)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        rounded.sub_(codes)  # the rounding residual where the code is inside the range
+        outside = shifted.clamp_(ctx.qmin, ctx.qmax).sub_(zero_point)
+        grad_scale = _sum_to(grad * torch.where(inside, rounded, outside), scale.shape)
+        return grad_x, grad_scale, None, None, None, None
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                   zero_is_zero: bool = False) -> torch.Tensor:
     """Quantize-dequantize with STE rounding; gradients reach ``x`` (in range) and ``scale`` (LSQ).
@@ -47,16 +107,11 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     Without autograd it works in place on one buffer (the same values: the STE's forward is exact
     rounding), which halves the memory traffic of judging and calibration passes at full size."""
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
-        codes = x / scale
-        codes.round_()
-        if not zero_is_zero:
-            codes.add_(zero_point)
-        codes.clamp_(qmin, qmax)
-        if not zero_is_zero:
-            codes.sub_(zero_point)
-        return codes.mul_(scale)
-    codes = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
-    return (codes - zero_point) * scale
+        return _quantize_dequantize_(x / scale, scale, zero_point, qmin, qmax, zero_is_zero)
+    if zero_point.requires_grad:  # a learned zero point: the composed ops carry its gradient
+        codes = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+        return (codes - zero_point) * scale
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, zero_is_zero)
 
 
 def fake_quantize_log2(x: torch.Tensor, amax: torch.Tensor, levels: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ class TensorStore:
         self._file = None
         self._path: str | None = None
         self._memmap: np.ndarray | None = None
-        self._ram: torch.Tensor | None = None
+        self._starts: torch.Tensor | None = None  # first sample number of every RAM chunk
 
     @property
     def spilled(self) -> bool:
@@ -72,8 +72,9 @@ class TensorStore:
             self._memmap = np.memmap(self._path, dtype=np_dtype, mode="r",
                                      shape=(self.num_samples, *self.sample_shape))
         elif self.chunks:
-            self._ram = torch.cat(self.chunks)
-            self.chunks = []
+            # The chunks stay as appended: they are often the very tensors a suspended forward still holds
+            # (reconstruction's lanes), and concatenating them would hold every sample twice.
+            self._starts = torch.tensor([0, *(len(c) for c in self.chunks)]).cumsum(0)[:-1]
         return self
 
     def __len__(self) -> int:
@@ -84,9 +85,18 @@ class TensorStore:
         if self._memmap is not None:
             idx = index if isinstance(index, slice) else index.cpu().numpy()
             return torch.from_numpy(np.ascontiguousarray(self._memmap[idx])).to(device)
-        if self._ram is None:
+        if self._starts is None:
             raise RuntimeError("store is empty or not finalized")
-        return self._ram[index].to(device)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.num_samples)
+            first = int(torch.searchsorted(self._starts, torch.tensor(start), right=True)) - 1
+            base = int(self._starts[first])
+            if step == 1 and stop - base <= len(self.chunks[first]):  # inside one chunk: a view, as slicing is
+                return self.chunks[first][start - base:stop - base].to(device)
+            index = torch.arange(start, stop, step)
+        owner = torch.searchsorted(self._starts, index, right=True) - 1
+        rows = [self.chunks[c][int(i) - int(self._starts[c])] for c, i in zip(owner.tolist(), index.tolist())]
+        return torch.stack(rows).to(device) if rows else self.chunks[0][:0].to(device)
 
     def mean_square(self, chunk: int = 4096) -> float:
         """Mean of the squared entries over all samples, read in chunks (bounded memory)."""
@@ -98,8 +108,9 @@ class TensorStore:
         return total / max(count, 1)
 
     def close(self) -> None:
-        """Delete the spill file (if any)."""
+        """Delete the spill file (if any) and let go of the held samples."""
         self._memmap = None
+        self.chunks, self._starts = [], None
         if self._path and os.path.exists(self._path):
             os.remove(self._path)
         self._path = None

@@ -70,8 +70,15 @@ def metainfo() -> dict[str, Any]:
             "info_version": INFO_VERSION}
 
 
+def _frames_in(info_path: Path) -> int:
+    with open(info_path, "rb") as f:
+        return len(pickle.load(f)["data_list"])
+
+
 def generate(spec: DatasetSpec, workers: int = 0, progress: bool = True) -> dict[str, Path]:
-    """Generate every split that has no info file yet; returns the info paths."""
+    """Generate every split that has no info file yet, or one with fewer frames than asked (frames are
+    seeded by their index, so a longer split starts with the frames of the shorter one); returns the
+    info paths."""
     from tqdm import tqdm
 
     (Path(spec.root) / "points").mkdir(parents=True, exist_ok=True)
@@ -79,7 +86,7 @@ def generate(spec: DatasetSpec, workers: int = 0, progress: bool = True) -> dict
     for split, count in spec.frames.items():
         target = spec.info_path(split)
         paths[split] = target
-        if target.exists():
+        if target.exists() and _frames_in(target) >= count:
             continue
         jobs: Iterable[tuple[DatasetSpec, str, int]] = [(spec, split, i) for i in range(count)]
         workers = workers or min(os.cpu_count() or 1, 8)
