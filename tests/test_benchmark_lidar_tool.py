@@ -14,20 +14,27 @@ ARGS = argparse.Namespace(iterations=40, seed=0, output_loss_every=4, calib_fram
 
 
 def test_rows_filtered_by_method_and_bits_and_explicit_pairs_outside_the_table():
-    assert bench.selected_rows(["lidar_ptq"], None) == [("lidar_ptq", 8, 8), ("lidar_ptq", 4, 8), ("lidar_ptq", 8, 4)]
-    assert bench.selected_rows(None, ["w4a8"]) == [("maxmin", 4, 8), ("qdrop", 4, 8), ("lidar_ptq", 4, 8)]
-    # both named: every pair, also ablation rows the table only has at W8A8
-    assert bench.selected_rows(["ablation:+tgpl"], ["w4a8"]) == [("ablation:+tgpl", 4, 8)]
+    assert bench.selected_rows(["lidar_ptq"], None) == [("lidar_ptq", 8, 8), ("lidar_ptq", 4, 8), ("lidar_ptq", 4, 4)]
+    assert bench.selected_rows(None, ["w4a8"]) == [("maxmin", 4, 8), ("qdrop", 4, 8), ("lidar_ptq_paper", 4, 8),
+                                                   ("lidar_ptq", 4, 8)]
+    # both named: every pair, also rows the table only has at W8A8
+    assert bench.selected_rows(["paper:+tgpl"], ["w4a8"]) == [("paper:+tgpl", 4, 8)]
 
 
-def test_same_recipe_resolves_lidar_ptq_defaults():
-    spec = lambda method, w: bench.recipe_spec(method, w, 8, ARGS)  # noqa: E731
-    # adaptive rounding is on by default at every bit-width: LiDAR-PTQ is its +rounding ablation
+def test_paper_recipe_rows_follow_the_recipe_file_and_same_recipes_are_found():
+    spec = lambda method, w=8: bench.recipe_spec(method, w, 8, ARGS)  # noqa: E731
+    paper = json.loads(bench.PAPER_RECIPE.read_text())
+    assert {k: spec("lidar_ptq_paper")[k] for k in ("equalize_inputs", "bias_correction", "guards",
+                                                    "grid_candidates")} == \
+        {k: paper[k] for k in ("equalize_inputs", "bias_correction", "guards", "grid_candidates")}
+    assert spec("paper:maxmin")["grid_search"] is False and spec("paper:+tgpl")["adaptive_rounding"] is False
+    # explicit defaults resolve to the default: a leave-one-out row that leaves nothing out is the default
+    assert bench.same_recipe(spec("lidar_ptq"), {**spec("lidar_ptq"), "guards": True, "adaptive_rounding": True})
     for w in (8, 4):
-        assert bench.same_recipe(spec("lidar_ptq", w), spec("ablation:+rounding", w))
-        assert not bench.same_recipe(spec("lidar_ptq", w), spec("ablation:+tgpl", w))
-    assert not bench.same_recipe(spec("brecq", 8), spec("qdrop", 8))
-    assert not bench.same_recipe({}, spec("qdrop", 8))
+        assert not bench.same_recipe(spec("lidar_ptq", w), spec("lidar_ptq_paper", w))
+        assert not bench.same_recipe(spec("lidar_ptq", w), spec("lidar_ptq-guards", w))
+    assert not bench.same_recipe(spec("brecq"), spec("qdrop"))
+    assert not bench.same_recipe({}, spec("qdrop"))
 
 
 def test_merge_replaces_rerun_rows_and_refuses_other_settings(tmp_path):
@@ -77,9 +84,10 @@ def test_seed_runs_are_kept_apart_and_summarised_as_mean_and_spread(tmp_path):
     assert [[r["method"] for r in g] for g in groups] == [["fp32"], ["lidar_ptq", "lidar_ptq"], ["maxmin"]]
     mean, std = bench.spread(groups[1])
     assert mean == pytest.approx(0.73) and std == pytest.approx(0.0141421, rel=1e-4)
-    table = bench.seed_table(rows, [0, 1])
-    assert table[3] == "| lidar_ptq | 8/8 | 72.00 | 74.00 | 73.00 +- 1.41 (2) | -2.00 | 10 |"
-    assert table[4].startswith("| maxmin | 8/8 | 60.00 | - | 60.00 +- 0.00 (1) |")
+    intervals = {"m|lidar_ptq|W8A8": {"delta": -2.0, "low": -3.1, "high": -0.9}}
+    table = bench.seed_table(rows, [0, 1], intervals)
+    assert table[3] == "| lidar_ptq | 8/8 | 72.00 | 74.00 | 73.00 +- 1.41 (2) | -2.00 [-3.10, -0.90] | 10 |"
+    assert table[4].startswith("| maxmin | 8/8 | 60.00 | - | 60.00 +- 0.00 (1) | -15.00 (no interval) |")
 
 
 def test_range_rule_study_reports_rank_agreement_per_seed(tmp_path):
@@ -96,3 +104,38 @@ def test_range_rule_study_reports_rank_agreement_per_seed(tmp_path):
     assert "| 0 | active | lp2 | yes | 73.00 | 0.0100 | 96.00 |" in table
     # over all four TGPL ranks the first three right (+0.80); among the two corrected ones it is wrong (-1)
     assert "| 0 | 4 | +0.80 | +1.00 | -1.00 | +1.00 | 73.00 - 74.00 |" in table
+
+
+def test_report_gives_intervals_against_fp32_and_for_each_stage(tmp_path):
+    from test_map_intervals import CLASSES, noisy_frames
+
+    from lidar_ptq.mmdet3d.intervals import match_frames
+
+    out = tmp_path / "lidar.json"
+    model = "centerpoint_pillar_synthetic"
+    fp32 = {"model": model, "method": "fp32", "w_bits": 32, "a_bits": 32, "value": 0.8, "fp32": 0.8, "seconds": 1.0}
+    rows = [fp32]
+    quality = {"lidar_ptq": 0.2, "lidar_ptq-guards": 0.2, "maxmin": 0.45}  # share of objects missed
+    for method, misses in quality.items():
+        for seed in (0, 1):
+            row = {"model": model, "method": method, "w_bits": 8, "a_bits": 8, "seed": seed, "value": 0.7,
+                   "fp32": 0.8, "seconds": 2.0}
+            frames = noisy_frames(150, 0.2, seed=3 + seed, misses=misses)
+            match_frames(frames, CLASSES).save(bench.table_path(out, row))
+            rows.append(row)
+    match_frames(noisy_frames(150, 0.2, seed=3, misses=0.15), CLASSES).save(bench.table_path(out, fp32))
+    result = {"meta": {"note": "n", "seeds": [0, 1]}, "rows": rows}
+    bench.write_outputs(result, out)
+    saved = json.loads(out.read_text())
+    assert saved["intervals"][f"{model}|maxmin|W8A8"]["resolved"]
+    assert saved["intervals"][f"{model}|maxmin|W8A8"]["high"] < 0
+    guards = saved["comparisons"][f"{model}|lidar_ptq|lidar_ptq-guards|W8A8"]
+    assert guards["stage"] == "guards" and guards["delta"] == 0.0 and not guards["resolved"]
+    text = out.with_suffix(".md").read_text()
+    assert "| guards | lidar_ptq | lidar_ptq-guards | W8A8 | +0.00 [" in text and "(unresolved)" in text
+    # without the per-frame matches (a clean clone) the report keeps the intervals the JSON holds
+    import shutil
+    shutil.rmtree(bench.frames_dir(out))
+    bench._SAMPLES.clear()
+    bench.write_outputs(json.loads(out.read_text()), out)
+    assert json.loads(out.read_text())["intervals"] == saved["intervals"]

@@ -11,7 +11,8 @@ from lidar_ptq.quant.rounding import attach_rounding
 onnx = import_or_skip("onnx")
 ort = import_or_skip("onnxruntime")
 from lidar_ptq.export import ExportError  # noqa: E402
-from lidar_ptq.export.onnx_qdq import constant_values, export_onnx  # noqa: E402
+from lidar_ptq.export.onnx_graph import constant_values  # noqa: E402
+from lidar_ptq.export.onnx_qdq import export_onnx  # noqa: E402
 from lidar_ptq.export.tensorrt import activation_ranges, read_calibration_cache, strip_qdq, write_dynamic_ranges  # noqa: E402
 
 

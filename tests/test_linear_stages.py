@@ -245,7 +245,7 @@ def per_unit_reconstruction(model, data, cfg):
     for its targets and one in quantized mode for its inputs, then the same optimisation."""
     from dataclasses import replace
 
-    from lidar_ptq.api import set_quant_mode
+    from lidar_ptq.quant.model import set_quant_mode
     from lidar_ptq.recon import engine
     from lidar_ptq.recon.cache import capture
     from lidar_ptq.recon.units import find_units

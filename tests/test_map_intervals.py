@@ -66,6 +66,10 @@ def test_paired_interval_resolves_a_real_gap_and_not_a_draw(tmp_path):
     assert gap.delta < -5 and gap.high < 0 and gap.resolved
     same = paired_interval([draw_map], [good_map])
     assert same.low < 0 < same.high and not same.resolved  # two draws of one method
+    # two very different calibration draws: resampling the draws widens the interval to hold both
+    mixed = paired_interval([good_map, worse_map], [good_map])
+    assert mixed.delta == pytest.approx(gap.delta / 2)
+    assert mixed.high - mixed.low > 2 * (gap.high - gap.low) and not mixed.resolved
     good.save(tmp_path / "good.npz")
     assert mean_ap(MatchTable.load(tmp_path / "good.npz")) == mean_ap(good)
     with pytest.raises(ValueError, match="same frames"):

@@ -76,3 +76,22 @@ def test_the_core_never_reaches_into_the_mmdet3d_integration(package):
                 if any(part in ("mmdet3d", "mmengine", "mmcv") for part in name.lstrip(".").split(".")):
                     offenders.append(f"{path.relative_to(ROOT)}: {name}")
     assert offenders == []
+
+
+def test_layers_import_downward_only():
+    """quant/ is the bottom layer: recon/ and lidar/ use its model-level functions, never the package's
+    top-level facade; no two modules of export/ import each other."""
+    import ast
+    offenders = []
+    for package in ("quant", "recon", "lidar", "export"):
+        for path in sorted((ROOT / "lidar_ptq" / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module in ("api", None):
+                    offenders.append(f"{path.relative_to(ROOT)}: from ..{node.module or ''}")
+    assert offenders == []
+    imports: dict[str, set[str]] = {}
+    for path in (ROOT / "lidar_ptq" / "export").glob("*.py"):
+        imports[path.stem] = {node.module for node in ast.walk(ast.parse(path.read_text()))
+                              if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    cycles = sorted((a, b) for a, deps in imports.items() for b in deps if a in imports.get(b, set()) and a < b)
+    assert cycles == []

@@ -1,26 +1,24 @@
-"""LiDAR benchmark: FP32 vs PTQ methods on the synthetic CenterPoint-Pillar/Voxel (nuScenes-style mAP).
+"""LiDAR benchmark: FP32 against PTQ methods on the synthetic CenterPoint-Pillar/Voxel (nuScenes-style mAP),
+with intervals that say which differences are resolved.
 
-Rows (W8A8): maxmin, entropy, percentile, percentile+equalize(+bias_correction), brecq, qdrop, lidar_ptq and
-the LiDAR-PTQ ablation (ablation:maxmin = sparse max-min ranges, +equalize = input-channel equalization of the
-pillar encoder, +bias_correction = empirical bias correction (both not in the paper), +grid = task-guided
-search of the clipping range,
-+tgpl = TGPL-driven activation steps, +rounding = adaptive rounding, i.e. full LiDAR-PTQ;
-ablation:dense = full LiDAR-PTQ with ranges over every site instead of the non-empty ones,
-ablation:judge-heldout = full LiDAR-PTQ whose guard judges on calibration frames held out of bias
-correction and reconstruction);
-W4A8: maxmin, qdrop, lidar_ptq; W8A4 (a stress test beyond the paper's settings, where even the robust
-voxel model separates the methods): maxmin, percentile, lidar_ptq. Every method sees the same
-calibration frames and the same reconstruction budget. Rows are appended to benchmarks/lidar.json as
-they finish (a killed run resumes); benchmarks/lidar.md and the PNG plots are rewritten from it.
+Every row runs once per calibration draw (``--seeds``: other calibration frames and reconstruction order)
+and is evaluated on the same val frames as FP32. The report gives each draw's mAP, their mean and std,
+and the difference to FP32 with a 95% bootstrap interval that resamples the val frames (paired: both
+models on the same resamples) and the calibration draws. The stage table compares neighbouring recipes
+the same way: the paper's chain (sparse max-min -> +grid search of the clipping range -> +TGPL ->
++adaptive rounding = ``lidar_ptq_paper``) and this package's default without each of its own stages.
 
-    python tools/benchmark_lidar.py [--models pillar voxel] [--val-frames 200] [--calib-frames 32]
-                                    [--iterations 100] [--output-loss-every 4] [--fresh]
-                                    [--rows METHOD ...] [--bits w8a4 ...]   (only these rows; both
-                                    named: every pair, also ones the table leaves out)
-    python tools/benchmark_lidar.py --merge pillar.json voxel.json   (jobs run in parallel with --out)
-    python tools/benchmark_lidar.py --seeds 0 1 2 --out benchmarks/lidar_seeds.json   (each row once per
-                                    seed: other calibration frames and reconstruction order; the report
-                                    gives every seed's mAP and their mean +- std, i.e. the noise floor)
+Rows (W8A8): maxmin, entropy, percentile, percentile+equalize+bias_correction, brecq, qdrop, the paper's
+chain, lidar_ptq and its leave-one-out variants; W4A8: maxmin, qdrop, lidar_ptq_paper, lidar_ptq; W4A4:
+maxmin, qdrop, lidar_ptq. Every method sees the same calibration frames and reconstruction budget. Rows
+are appended to the JSON as they finish (a killed run resumes); the markdown and plots are rewritten
+from it. Per-frame matches (for the intervals) are kept under ``benchmarks/frames/<json stem>/``.
+
+    python tools/benchmark_lidar.py [--models pillar voxel] [--val-frames 1000] [--calib-frames 16]
+                                    [--iterations 40] [--seeds 0 1 2] [--rows METHOD ...] [--bits w4a8 ...]
+                                    [--out benchmarks/lidar.json] [--fresh]
+    python tools/benchmark_lidar.py --merge a.json b.json   (jobs run in parallel with --out)
+    python tools/benchmark_lidar.py --report-only
 Models come from tools/train.py (benchmarks/models/centerpoint_<model>_synthetic.pth).
 """
 from __future__ import annotations
@@ -34,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
@@ -42,29 +41,50 @@ import lidar_ptq.mmdet3d  # noqa: F401  (registries)
 from lidar_ptq.lidar.pipeline import LidarPTQConfig
 from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
-from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate
+from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_frames
+from lidar_ptq.mmdet3d.intervals import (
+    Interval,
+    MapSamples,
+    MatchTable,
+    bootstrap_map,
+    match_frames,
+    paired_interval,
+    resample_weights,
+)
 from lidar_ptq.mmdet3d.ptq import load_float_checkpoint, quantize_detector
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"pillar": ROOT / "configs/synthetic/centerpoint_pillar_synthetic.py",
            "voxel": ROOT / "configs/synthetic/centerpoint_voxel_synthetic.py"}
-ABLATION = {"ablation:maxmin": dict(equalize_inputs=False, bias_correction=False, grid_search=False, tgpl=False,
-                                   adaptive_rounding=False),
-            "ablation:+equalize": dict(bias_correction=False, grid_search=False, tgpl=False, adaptive_rounding=False),
-            "ablation:+bias_correction": dict(grid_search=False, tgpl=False, adaptive_rounding=False),
-            "ablation:+grid": dict(tgpl=False, adaptive_rounding=False),
-            "ablation:+tgpl": dict(adaptive_rounding=False),
-            "ablation:+rounding": dict(adaptive_rounding=True),  # LiDAR-PTQ's default
-            "ablation:dense": dict(sparse_calibration=False),  # LiDAR-PTQ with ranges over every site, empty too
-            # LiDAR-PTQ whose guard judges bias correction and reconstruction on a quarter of the
-            # calibration frames held out of both instead of on every calibration frame
-            "ablation:judge-heldout": dict(judge_fraction=0.25)}
+PAPER_RECIPE = ROOT / "configs/quant/ptq/lidar_ptq_paper.json"
+# the paper's stages only: its recipe file without bits, frames and reconstruction budget
+PAPER = {k: v for k, v in json.loads(PAPER_RECIPE.read_text()).items()
+         if k not in ("method", "w_bits", "a_bits", "calib_frames", "recon")}
+VARIANTS = {  # LiDAR-PTQ recipes as overrides of the package default
+    "paper:maxmin": {**PAPER, "grid_search": False, "tgpl": False, "adaptive_rounding": False},
+    "paper:+grid": {**PAPER, "tgpl": False, "adaptive_rounding": False},
+    "paper:+tgpl": {**PAPER, "adaptive_rounding": False},
+    "lidar_ptq_paper": PAPER,
+    "lidar_ptq": {},
+    "lidar_ptq-equalize": {"equalize_inputs": False},
+    "lidar_ptq-bias_correction": {"bias_correction": False},
+    "lidar_ptq-guards": {"guards": False},
+}
+# (what is decided, recipe with it, recipe without it)
+COMPARISONS = [("grid search (paper's chain)", "paper:+grid", "paper:maxmin"),
+               ("TGPL (paper's chain)", "paper:+tgpl", "paper:+grid"),
+               ("adaptive rounding (paper's chain)", "lidar_ptq_paper", "paper:+tgpl"),
+               ("package default against the paper's recipe", "lidar_ptq", "lidar_ptq_paper"),
+               ("equalization", "lidar_ptq", "lidar_ptq-equalize"),
+               ("bias correction", "lidar_ptq", "lidar_ptq-bias_correction"),
+               ("guards", "lidar_ptq", "lidar_ptq-guards")]
 EQUALIZE = ["*voxel_encoder*"]  # "<method>+equalize": a baseline with LiDAR-PTQ's input equalization
-ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize",
-                            "percentile+equalize+bias_correction", "brecq", "qdrop", "lidar_ptq", *ABLATION)] + \
-       [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq")] + \
-       [(m, 8, 4) for m in ("maxmin", "percentile", "lidar_ptq")]
+ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize+bias_correction", "brecq",
+                            "qdrop", *VARIANTS)] + \
+       [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq_paper", "lidar_ptq")] + \
+       [(m, 4, 4) for m in ("maxmin", "qdrop", "lidar_ptq")]
+BOOTSTRAP_RESAMPLES = 1000
 
 
 def selected_rows(methods: list[str] | None, bits: list[str] | None) -> list[tuple[str, int, int]]:
@@ -86,19 +106,19 @@ def same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return False
     if a["method"] != "lidar_ptq":
         return a == b
-    flags = ("equalize_inputs", "bias_correction", "grid_search", "tgpl")
+    flags = ("equalize_inputs", "bias_correction", "grid_search", "tgpl", "adaptive_rounding", "guards",
+             "grid_candidates")
 
     def resolved(spec: dict[str, Any]) -> dict[str, Any]:
-        cfg = LidarPTQConfig(w_bits=spec["w_bits"], a_bits=spec["a_bits"],
-                             **{f: spec[f] for f in (*flags, "adaptive_rounding") if f in spec})
-        return {**spec, **{f: getattr(cfg, f) for f in flags}, "adaptive_rounding": cfg.adaptive_rounding}
+        cfg = LidarPTQConfig(w_bits=spec["w_bits"], a_bits=spec["a_bits"], **{f: spec[f] for f in flags if f in spec})
+        return {**spec, **{f: list(v) if isinstance(v := getattr(cfg, f), tuple) else v for f in flags}}
     return resolved(a) == resolved(b)
 
 
 def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace, seed: int | None = None) -> dict[str, Any]:
     recon = {"iterations": args.iterations, "batch_size": 4, "seed": args.seed if seed is None else seed}
-    if method in ("lidar_ptq", *ABLATION):
-        spec = {"method": "lidar_ptq", "w_bits": w, "a_bits": a, **ABLATION.get(method, {})}
+    if method in VARIANTS:
+        spec = {"method": "lidar_ptq", "w_bits": w, "a_bits": a, **VARIANTS[method]}
         recon["output_loss_every"] = args.output_loss_every
     else:
         base = method.split("+")[0]
@@ -181,18 +201,97 @@ def spread(group: list[dict[str, Any]]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def seed_table(rows: list[dict[str, Any]], seeds: list[int]) -> list[str]:
-    """Markdown rows: each seed's mAP, their mean +- std and the mean's distance to FP32."""
-    lines = ["| method | W/A | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std (runs) "
-             "| mean delta vs FP32 | PTQ s (mean) |", "|---|---|" + "---|" * (len(seeds) + 3)]
+def frames_dir(out: Path) -> Path:
+    """Where the per-frame matches of the rows in ``out`` live (not committed: they are rebuilt by a run)."""
+    return out.parent / "frames" / out.stem
+
+
+def table_path(out: Path, row: dict[str, Any]) -> Path:
+    """The per-frame matches of one row (FP32 does not depend on the calibration draw)."""
+    name = "fp32" if row["method"] == "fp32" else \
+        f"{row['method'].replace(':', '_')}_w{row['w_bits']}a{row['a_bits']}_seed{row.get('seed', 0)}"
+    return frames_dir(out) / row["model"] / f"{name}.npz"
+
+
+_SAMPLES: dict[Path, MapSamples] = {}
+
+
+def map_samples(path: Path, weights: np.ndarray) -> MapSamples | None:
+    """A row's mAP on the val frames and on every bootstrap resample (None if its matches are missing)."""
+    if path not in _SAMPLES:
+        if not path.is_file():
+            return None
+        _SAMPLES[path] = bootstrap_map(MatchTable.load(path), weights)
+    return _SAMPLES[path]
+
+
+def group_label(group: list[dict[str, Any]]) -> str:
+    first = group[0]
+    return f"{first['model']}|{first['method']}|W{first['w_bits']}A{first['a_bits']}"
+
+
+def update_intervals(result: dict[str, Any], out: Path) -> None:
+    """Intervals of every row group against FP32 and of every stage comparison, from the per-frame matches
+    on disk; a group whose matches are missing keeps the interval the JSON already holds."""
+    intervals, comparisons = result.setdefault("intervals", {}), result.setdefault("comparisons", {})
+    for model in sorted({r["model"] for r in result["rows"]}):
+        groups = seed_groups(ordered_rows(result, model))
+        fp32 = [g for g in groups if g[0]["method"] == "fp32"]
+        if not fp32:
+            continue
+        frames = MatchTable.load(table_path(out, fp32[0][0])).frames if table_path(out, fp32[0][0]).is_file() else 0
+        if not frames:
+            continue
+        weights = resample_weights(frames, BOOTSTRAP_RESAMPLES, seed=0)
+        base = map_samples(table_path(out, fp32[0][0]), weights)
+        samples = {}
+        for group in groups:
+            found = [map_samples(table_path(out, r), weights) for r in group]
+            if all(found):
+                samples[(group[0]["method"], group[0]["w_bits"], group[0]["a_bits"])] = found
+                if group[0]["method"] != "fp32":
+                    intervals[group_label(group)] = paired_interval(found, [base]).as_dict()
+        for what, with_stage, without in COMPARISONS:
+            for w, a in sorted({(g[0]["w_bits"], g[0]["a_bits"]) for g in groups}, reverse=True):
+                if (with_stage, w, a) in samples and (without, w, a) in samples:
+                    gap = paired_interval(samples[(with_stage, w, a)], samples[(without, w, a)])
+                    comparisons[f"{model}|{with_stage}|{without}|W{w}A{a}"] = {"stage": what, **gap.as_dict()}
+
+
+def interval_cell(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "-"
+    return Interval(entry["delta"], entry["low"], entry["high"]).cell()
+
+
+def seed_table(rows: list[dict[str, Any]], seeds: list[int], intervals: dict[str, Any]) -> list[str]:
+    """Markdown rows: each draw's mAP, their mean +- std, and the difference to FP32 with its interval."""
+    lines = ["| method | W/A | " + " | ".join(f"draw {s}" for s in seeds) + " | mean +- std (draws) "
+             "| delta vs FP32 [95% interval] | PTQ s (mean) |", "|---|---|" + "---|" * (len(seeds) + 3)]
     for group in seed_groups(rows):
         by_seed = {r.get("seed", seeds[0]): r["value"] for r in group}
         mean, std = spread(group)
         first = group[0]
-        lines.append(f"| {first['method']} | {first['w_bits']}/{first['a_bits']} | "
-                     + " | ".join(f"{100 * by_seed[s]:.2f}" if s in by_seed else "-" for s in seeds)
-                     + f" | {100 * mean:.2f} +- {100 * std:.2f} ({len(group)}) | {100 * (mean - first['fp32']):+.2f} "
+        delta = "+0.00" if first["method"] == "fp32" else \
+            intervals.get(group_label(group)) and interval_cell(intervals.get(group_label(group))) or \
+            f"{100 * (mean - first['fp32']):+.2f} (no interval)"
+        cells = [f"{100 * by_seed[s]:.2f}" if s in by_seed else "-" for s in seeds] if first["method"] != "fp32" \
+            else [f"{100 * first['value']:.2f}"] + ["-"] * (len(seeds) - 1)
+        lines.append(f"| {first['method']} | {first['w_bits']}/{first['a_bits']} | " + " | ".join(cells)
+                     + f" | {100 * mean:.2f} +- {100 * std:.2f} ({len(group)}) | {delta} "
                      f"| {statistics.fmean(r['seconds'] for r in group):.0f} |")
+    return lines
+
+
+def comparison_table(comparisons: dict[str, Any], model: str) -> list[str]:
+    """Markdown rows: what each stage changes, recipe with it minus recipe without it, and whether resolved."""
+    entries = [(k.split("|"), v) for k, v in comparisons.items() if k.split("|")[0] == model]
+    if not entries:
+        return []
+    lines = ["| stage | with | without | W/A | delta mAP [95% interval] |", "|---|---|---|---|---|"]
+    order = [c[0] for c in COMPARISONS]
+    for (_, with_stage, without, bits), entry in sorted(entries, key=lambda e: (order.index(e[1]["stage"]), e[0][3])):
+        lines.append(f"| {entry['stage']} | {with_stage} | {without} | {bits} | {interval_cell(entry)} |")
     return lines
 
 
@@ -213,81 +312,80 @@ def range_rule_cell(scores: dict[str, float] | None) -> str:
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
+    update_intervals(result, out)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out)
-    lines = ["# LiDAR benchmark (synthetic CenterPoint, nuScenes-style mAP x100)", "",
-             f"{result['meta']['note']}", ""]
+    seeds = result["meta"].get("seeds", [result["meta"].get("seed", 0)])
+    lines = ["# LiDAR benchmark (synthetic CenterPoint, nuScenes-style mAP x100)", "", result["meta"]["note"], "",
+             "Intervals: 95%, paired bootstrap over the val frames (both models on the same "
+             f"{BOOTSTRAP_RESAMPLES} resamples) and over the calibration draws; 'unresolved' marks an interval "
+             "that holds 0, a difference this benchmark cannot tell from noise.", ""]
     for model in sorted({r["model"] for r in result["rows"]}):
-        rows = ordered_rows(result, model)
-        info = ROOT / "benchmarks" / "models" / f"{model}.json"
-        train_s = json.loads(info.read_text()).get("train_wall_s") if info.is_file() else None
-        lines += [f"## {model}", ""]
-        if result["meta"].get("seeds"):
-            lines += seed_table(rows, result["meta"]["seeds"]) + [""]
-            continue
-        if train_s:
-            lines += [f"Float training took {train_s / 60:.0f} min on this CPU (`{info.name}`); the "
-                      "'PTQ / training' column is PTQ wall time as a fraction of it.", ""]
-        lines += ["| method | W/A | mAP | delta vs FP32 | car | pedestrian | bicycle | PTQ s | PTQ / training "
-                  "| range rule (TGPL) | bias correction: TGPL before -> after "
-                  "| reconstruction: TGPL before -> after |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            ap = r.get("per_class", {})
-            lines.append(f"| {r['method']} | {r['w_bits']}/{r['a_bits']} | {100 * r['value']:.2f} | "
-                         f"{100 * (r['value'] - r['fp32']):+.2f} | "
-                         + " | ".join(f"{100 * ap.get(c, float('nan')):.2f}" for c in ("car", "pedestrian", "bicycle"))
-                         + f" | {r['seconds']:.0f} | "
-                         + (f"{r['seconds'] / train_s:.3f} |" if train_s and r["method"] != "fp32" else "- |")
-                         + f" {range_rule_cell(r.get('range_search'))} | {guard_cell(r.get('bias_correction'))} | "
-                         f"{guard_cell(r.get('reconstruction'))} |")
+        lines += [f"## {model}", ""] + seed_table(ordered_rows(result, model), seeds, result.get("intervals", {}))
+        stages = comparison_table(result.get("comparisons", {}), model)
+        if stages:
+            lines += ["", "Stages: the recipe with the stage minus the recipe without it (same frames, same draws).",
+                      ""] + stages
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     plot(result, out.with_suffix(""))
 
 
 def plot(result: dict[str, Any], prefix: Path) -> None:
-    """One bar chart per model, saved as ``<prefix>_<model>.png`` (next to the JSON it comes from)."""
+    """One chart per model, saved as ``<prefix>_<model>.png``: each row's difference to FP32 and its interval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    intervals = result.get("intervals", {})
     for model in sorted({r["model"] for r in result["rows"]}):
-        groups = seed_groups(ordered_rows(result, model))
-        stats = [spread(g) for g in groups]
+        groups = [g for g in seed_groups(ordered_rows(result, model)) if group_label(g) in intervals]
+        if not groups:
+            continue
+        entries = [intervals[group_label(g)] for g in groups]
         fig, ax = plt.subplots(figsize=(10, 4))
-        labels = [f"{g[0]['method']}\nW{g[0]['w_bits']}A{g[0]['a_bits']}" for g in groups]
-        ax.bar(range(len(groups)), [100 * m for m, _ in stats], yerr=[100 * sd for _, sd in stats],
-               color="tab:blue", capsize=3)
-        ax.axhline(100 * groups[0][0]["fp32"], color="k", ls="--", label="FP32")
-        ax.set_xticks(range(len(groups)), labels, rotation=60, fontsize=7)
-        ax.set_ylabel("mAP")
-        ax.set_title(f"synthetic CenterPoint-{model}: PTQ methods")
+        ax.errorbar(range(len(groups)), [e["delta"] for e in entries],
+                    yerr=[[e["delta"] - e["low"] for e in entries], [e["high"] - e["delta"] for e in entries]],
+                    fmt="o", capsize=3)
+        ax.axhline(0.0, color="k", ls="--", label="FP32")
+        ax.set_xticks(range(len(groups)), [f"{g[0]['method']}\nW{g[0]['w_bits']}A{g[0]['a_bits']}" for g in groups],
+                      rotation=60, fontsize=7)
+        ax.set_ylabel("mAP - FP32 mAP (95% interval)")
+        ax.set_title(f"{model}: PTQ methods")
         ax.legend()
         fig.tight_layout()
         fig.savefig(f"{prefix}_{model}.png", dpi=110)
         plt.close(fig)
 
 
+def evaluate_row(model: torch.nn.Module, loader: Any, cfg: Config, row: dict[str, Any], out: Path
+                 ) -> dict[str, float]:
+    """Evaluate ``model`` on the val frames, keep its per-frame matches for the intervals, return the metrics."""
+    metrics, frames = evaluate_frames(model, loader, cfg.test_evaluator)
+    classes = list(loader.dataset.metainfo["classes"])
+    match_frames(frames, classes).save(table_path(out, row))
+    _SAMPLES.pop(table_path(out, row), None)
+    return metrics
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["pillar", "voxel"], choices=list(CONFIGS))
-    parser.add_argument("--val-frames", type=int, default=200)
-    parser.add_argument("--calib-frames", type=int, default=32)
-    parser.add_argument("--iterations", type=int, default=100, help="reconstruction iterations per unit")
+    parser.add_argument("--val-frames", type=int, default=1000)
+    parser.add_argument("--calib-frames", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=40, help="reconstruction iterations per unit")
     parser.add_argument("--output-loss-every", type=int, default=4, help="TGPL (full model) step every k")
     parser.add_argument("--rows", nargs="*", help="only these methods (e.g. lidar_ptq maxmin)")
-    parser.add_argument("--bits", nargs="*", help="only these precisions (e.g. w8a4 w4a8)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", nargs="+", type=int,
-                        help="run every row once per seed (calibration frames, reconstruction order); "
-                             "the report gives each seed's mAP and mean +- std")
+    parser.add_argument("--bits", nargs="*", help="only these precisions (e.g. w4a8 w4a4)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="calibration draws: every row runs once per seed (calibration frames, "
+                             "reconstruction order)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "lidar.json")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown/plots from the JSON")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="put the rows of these result files (e.g. jobs run in parallel with --out) into --out, "
-                             "replacing rows of the same model/method/bits, and rewrite the report")
+                             "replacing rows of the same model/method/bits/seed, and rewrite the report")
     args = parser.parse_args()
     if args.report_only:
         write_outputs(json.loads(args.out.read_text()), args.out)
@@ -298,70 +396,75 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     init_default_scope("mmdet3d")
     meta = {"val_frames": args.val_frames, "calib_frames": args.calib_frames, "iterations": args.iterations,
-            "output_loss_every": args.output_loss_every, "seed": (args.seeds or [args.seed])[0],
+            "output_loss_every": args.output_loss_every, "seed": args.seeds[0], "seeds": args.seeds,
             "torch": torch.__version__,
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
             "note": (f"Synthetic LiDAR val set, first {args.val_frames} frames; {args.calib_frames} calibration "
-                     f"frames from the training set; reconstruction {args.iterations} iterations per unit "
+                     f"frames from the training set per draw (draws {', '.join(map(str, args.seeds))}: other "
+                     f"frames and reconstruction order); reconstruction {args.iterations} iterations per unit "
                      f"(TGPL step every {args.output_loss_every}). mAP: nuScenes-style, centre distance "
                      "0.5/1/2/4 m, nuscenes-devkit matching.")}
-    if args.seeds:
-        meta["seeds"] = args.seeds
-        meta["note"] += f" Every row once per seed ({', '.join(map(str, args.seeds))}): its calibration frames and " \
-                        "reconstruction order."
     result = {"meta": meta, "rows": []}
     if args.out.is_file() and not args.fresh:
         previous = json.loads(args.out.read_text())
-        same = [k for k in meta if k not in ("machine", "note")]
+        same = [k for k in meta if k not in ("machine", "note", "seeds")]
         if all(previous["meta"].get(k) == meta[k] for k in same):
             result = previous
+            result["meta"]["seeds"] = sorted(set(previous["meta"].get("seeds", [])) | set(args.seeds))
     default_seed = meta["seed"]
     done = {row_key(r, default_seed) for r in result["rows"]}
     for name in args.models:
         cfg = Config.fromfile(str(CONFIGS[name]))
+        cfg.synthetic_data["val"] = max(int(cfg.synthetic_data["val"]), args.val_frames)
         ensure_synthetic_data(cfg)
         checkpoint = ROOT / "benchmarks" / "models" / f"centerpoint_{name}_synthetic.pth"
         loader = build_test_loader(cfg, args.val_frames)
         float_model = build_model(cfg, checkpoint)
-        start = time.perf_counter()
-        fp32 = evaluate(float_model, loader, cfg.test_evaluator)
-        fp32_row = {"model": f"centerpoint_{name}_synthetic", "method": "fp32", "w_bits": 32, "a_bits": 32,
-                    "metric": "mAP", "value": fp32["det/mAP"], "fp32": fp32["det/mAP"],
-                    "seconds": time.perf_counter() - start}
-        for seed in args.seeds or [args.seed]:
+        model_name = f"centerpoint_{name}_synthetic"
+        fp32_row = next((r for r in result["rows"] if r["model"] == model_name and r["method"] == "fp32"), None)
+        if fp32_row is None or not table_path(args.out, fp32_row).is_file():
+            start = time.perf_counter()
+            fp32_row = {"model": model_name, "method": "fp32", "w_bits": 32, "a_bits": 32, "metric": "mAP"}
+            fp32 = evaluate_row(float_model, loader, cfg, fp32_row, args.out)
+            fp32_row.update(value=fp32["det/mAP"], fp32=fp32["det/mAP"], seconds=time.perf_counter() - start,
+                            per_class={c: fp32[f"det/AP_{c}"] for c in ("car", "pedestrian", "bicycle")})
+            result["rows"] = [r for r in result["rows"] if not (r["model"] == model_name and r["method"] == "fp32")]
+            result["rows"].append(fp32_row)
+            write_outputs(result, args.out)
+        for seed in args.seeds:
             batches = None  # collected on first use: a resumed run may have nothing left for this seed
-            rows = ([("fp32", 32, 32)] if seed == default_seed else []) + selected_rows(args.rows, args.bits)
-            for method, w, a in rows:
-                key = (fp32_row["model"], method, w, a, seed)
+            for method, w, a in selected_rows(args.rows, args.bits):
+                key = (model_name, method, w, a, seed)
                 if key in done:
                     continue
-                spec = recipe_spec(method, w, a, args, seed) if method != "fp32" else {}
-                same = [r for r in result["rows"] if r["model"] == fp32_row["model"] and r["method"] != method
+                spec = recipe_spec(method, w, a, args, seed)
+                same = [r for r in result["rows"] if r["model"] == model_name and r["method"] != method
                         and (r["w_bits"], r["a_bits"]) == (w, a) and r.get("seed", default_seed) == seed
                         and same_recipe(r.get("recipe", {}), spec)]
-                if method == "fp32":
-                    row, metrics = fp32_row, fp32
-                elif same:  # an ablation row whose recipe is LiDAR-PTQ's default (or the reverse): not run twice
+                if same:  # a row whose recipe another row already ran (same draw): not run twice
                     row = {**same[0], "method": method, "same_as": same[0]["method"]}
-                    metrics = {f"det/AP_{c}": v for c, v in same[0]["per_class"].items()}
+                    source, target = table_path(args.out, same[0]), table_path(args.out, row)
+                    if source.is_file():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(source.read_bytes())
                 else:
                     if batches is None:
                         batches = collect_batches(float_model, build_calibration_loader(cfg, args.calib_frames, seed))
                     model = build_model(cfg, checkpoint)
                     outcome = quantize_detector(model, batches, recipe_from_dict(spec))
-                    metrics = evaluate(model, loader, cfg.test_evaluator)
-                    row = {"model": fp32_row["model"], "method": method, "w_bits": w, "a_bits": a, "seed": seed,
-                           "metric": "mAP", "value": metrics["det/mAP"], "fp32": fp32["det/mAP"],
-                           "seconds": outcome.seconds, "recipe": spec, "range_search": outcome.report.selection,
-                           "judge_frames": outcome.report.judge_frames,
+                    row = {"model": model_name, "method": method, "w_bits": w, "a_bits": a, "seed": seed,
+                           "metric": "mAP", "fp32": fp32_row["value"], "seconds": outcome.seconds, "recipe": spec,
+                           "range_search": outcome.report.selection, "judge_frames": outcome.report.judge_frames,
                            "bias_correction": {**outcome.report.bias_correction_loss,
                                                "kept": bool(outcome.report.bias_corrections)},
                            "reconstruction": {**outcome.report.recon_loss, "kept": outcome.report.recon_kept}}
-                row["per_class"] = {c: metrics[f"det/AP_{c}"] for c in ("car", "pedestrian", "bicycle")}
+                    metrics = evaluate_row(model, loader, cfg, row, args.out)
+                    row.update(value=metrics["det/mAP"],
+                               per_class={c: metrics[f"det/AP_{c}"] for c in ("car", "pedestrian", "bicycle")})
                 result["rows"].append(row)
                 done.add(key)
                 write_outputs(result, args.out)
-                print(f"{row['model']} {method} W{w}A{a} seed {seed}: mAP {100 * row['value']:.2f} (fp32 "
+                print(f"{row['model']} {method} W{w}A{a} draw {seed}: mAP {100 * row['value']:.2f} (fp32 "
                       f"{100 * row['fp32']:.2f}) in {row['seconds']:.0f} s", flush=True)
     return 0
 

@@ -33,6 +33,7 @@ from ..quant.functional import broadcast_shape, fake_quantize
 from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import FakeQuantizer, temporary_quant_mode
 from .checks import require_exportable
+from .onnx_graph import constant_values, consumers, producers, prune_unused
 
 log = logging.getLogger(__name__)
 TARGETS = ("tensorrt", "onnxruntime")
@@ -192,30 +193,6 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 
 # ----- graph helpers --------------------------------------------------------------------------------
-def constant_values(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initialisers and Constant-node outputs by tensor name."""
-    values = {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
-def producers(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """The node writing each tensor."""
-    return {out: node for node in proto.graph.node for out in node.output}
-
-
-def consumers(proto: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
-
-
 def unsigned_after_relu(proto: onnx.ModelProto) -> int:
     """Q(int8, zp 0) of a non-negative tensor (a Relu output, or a Concat/MaxPool of such) -> Q(uint8, zp 0),
     with its DequantizeLinear readers (see the module docstring)."""
@@ -260,17 +237,3 @@ def unsigned_after_relu(proto: onnx.ModelProto) -> int:
     prune_unused(proto)
     log.debug("unsigned_after_relu: %d quantizers switched to uint8", changed)
     return changed
-
-
-def prune_unused(proto: onnx.ModelProto) -> None:
-    """Drop Constant nodes and initialisers no node or graph output reads."""
-    while True:
-        used = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
-        dead = [n for n in proto.graph.node if n.op_type == "Constant" and n.output[0] not in used]
-        for node in dead:
-            proto.graph.node.remove(node)
-        unused = [i for i in proto.graph.initializer if i.name not in used]
-        for init in unused:
-            proto.graph.initializer.remove(init)
-        if not dead and not unused:
-            return

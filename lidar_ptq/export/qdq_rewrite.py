@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .onnx_qdq import constant_values, consumers, producers, prune_unused
+from .onnx_graph import constant_values, consumers, producers, prune_unused
 
 ALIASES = "quantizers: "
 

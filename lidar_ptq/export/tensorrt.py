@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .onnx_qdq import constant_values, consumers, producers, prune_unused
+from .onnx_graph import constant_values, consumers, producers, prune_unused
 
 DEFAULT_CACHE_HEADER = "TRT-8601-EntropyCalibration2"
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..api import calibrate, quantize
+from ..quant.model import calibrate, quantize
 from ..batches import call_model
 from ..errors import CalibrationDataError
 from ..quant.bias_correction import correct_biases, drop_bias_shifts, fold_bias_shifts
@@ -76,8 +76,8 @@ class PTQRecipe:
     # all 16 (W8A8 mAP 0.27-0.37 lower on each of three draws; docs/benchmarks.md), hence 16.
     search_frames: int | None = 16
     # Reconstruction fits on the first ``recon_frames`` of the fitting frames (None: all). It keeps two
-    # activation sets of every frame it fits on in memory (0.4 GB a frame on the stock nuScenes pillar
-    # model), so this bounds its memory (docs/full_size.md).
+    # activation sets of every frame it fits on in memory (134 MB a frame at the first backbone unit of
+    # the stock nuScenes pillar model), so this bounds its memory (docs/full_size.md).
     recon_frames: int | None = None
     # The guard's judge: the last ``judge_fraction`` of the calibration batches are kept out of bias
     # correction and reconstruction and the select loss is measured on them alone (0: judge on every

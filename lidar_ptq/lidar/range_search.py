@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..api import iter_quantizers
+from ..quant.model import iter_quantizers
 from ..batches import call_model
 from ..quant.bias_correction import channel_means, correct_biases, correctable_layers, drop_bias_shifts
 from ..quant.config import QuantConfig, load_quant_config

@@ -175,12 +175,24 @@ def bootstrap_map(table: MatchTable, weights: np.ndarray) -> MapSamples:
     return MapSamples(mean_ap(table), np.array([mean_ap(table, w) for w in weights]))
 
 
-def paired_interval(a: Sequence[MapSamples], b: Sequence[MapSamples], level: float = 0.95) -> Interval:
-    """Mean mAP of ``a`` minus mean mAP of ``b`` (x100; e.g. the calibration draws of a method against
-    FP32) with its bootstrap interval over frames; all samples must come from the same resamples."""
+def paired_interval(a: Sequence[MapSamples], b: Sequence[MapSamples], level: float = 0.95, seed: int = 0
+                    ) -> Interval:
+    """Mean mAP of ``a`` minus mean mAP of ``b`` (x100), each a list of calibration draws (FP32: one),
+    with its bootstrap interval. Every replicate takes one resample of the frames, the same for all
+    samples (they must come from the same resamples), and a resample of each side's draws, so the
+    interval holds both the frames' and the calibration draws' share of the spread."""
     if len({len(s.replicates) for s in (*a, *b)}) != 1:
         raise ValueError("paired samples must come from the same bootstrap resamples")
-    spread = 100.0 * (np.mean([s.replicates for s in a], axis=0) - np.mean([s.replicates for s in b], axis=0))
+    rng = np.random.default_rng(seed)
+
+    def side(samples: Sequence[MapSamples]) -> np.ndarray:
+        table = np.stack([s.replicates for s in samples])  # [draws, replicates]
+        if len(samples) == 1:
+            return table[0]
+        picks = rng.integers(0, len(samples), size=table.shape)
+        return np.take_along_axis(table, picks, axis=0).mean(axis=0)
+
+    spread = 100.0 * (side(a) - side(b))
     point = 100.0 * (np.mean([s.point for s in a]) - np.mean([s.point for s in b]))
     tail = 100.0 * (1.0 - level) / 2.0
     return Interval(float(point), float(np.percentile(spread, tail)), float(np.percentile(spread, 100 - tail)))

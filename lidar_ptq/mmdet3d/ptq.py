@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import format_summary, iter_quantizers, quant_summary, quantize
+from ..quant.model import format_summary, iter_quantizers, quant_summary, quantize
 from ..errors import LidarPTQError
 from ..lidar.pipeline import LidarPTQReport, PTQRecipe, run_ptq
 from ..lidar.recipes import load_recipe

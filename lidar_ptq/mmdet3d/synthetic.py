@@ -1,4 +1,4 @@
-"""Generate the synthetic benchmark for a config that uses it, when its info files are missing."""
+"""Generate the synthetic benchmark for a config that uses it, when its info files are missing or short."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 
 def ensure_synthetic_data(cfg: Any, workers: int = 0) -> bool:
     """If ``cfg`` declares ``synthetic_data`` (see configs/_base_/synthetic_lidar.py), generate the
-    frames its dataloaders point at unless they exist. Returns whether the config uses the set."""
+    frames its dataloaders point at unless they exist with as many frames. Returns whether the config
+    uses the set."""
     settings = cfg.get("synthetic_data")
     if not settings:
         return False
@@ -25,7 +26,7 @@ def ensure_synthetic_data(cfg: Any, workers: int = 0) -> bool:
     root = root or settings["root"]
     spec = DatasetSpec(str(root), {"train": int(settings["train"]), "val": int(settings["val"])},
                        int(settings.get("seed", 0)))
-    if not all(spec.info_path(split).exists() for split in spec.frames):
-        log.info("synthetic LiDAR data missing under %s: generating %s", Path(root), spec.frames)
-        generate(spec, workers)
+    log.debug("synthetic LiDAR data under %s: %s (missing or short splits are generated)", Path(root),
+              spec.frames)
+    generate(spec, workers)
     return True

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..api import iter_quantizers, set_quant_mode
+from ..quant.model import iter_quantizers, set_quant_mode
 from ..batches import call_model
 from ..lockstep import Arrival, Lane, Lockstep
 from ..quant.modules import QuantModuleMixin

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import set_quant_mode
+from ..quant.model import set_quant_mode
 from ..batches import call_model
 from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import FakeQuantizer, QuantMode

@@ -1,7 +1,8 @@
-"""The model-level API: quantize, calibrate, switch modes, summarise.
+"""The model-level functions: quantize, calibrate, switch modes, summarise.
 
-Every stage is a plain function over a torch model, so the mmdet3d integration
-(or any other driver) only calls these.
+Every stage is a plain function over a torch model, so the reconstruction, the LiDAR
+pipeline and the mmdet3d integration (or any other driver) only call these; the
+package exports them as ``lidar_ptq.quantize`` and so on.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .batches import call_model
-from .quant import attention as _attention  # noqa: F401  (registers the attention twin)
-from .quant.config import ConfigLike, load_quant_config
-from .quant.integrations import load_integrations
-from .quant.modules import QUANT_MODULES, QuantModuleMixin
-from .quant.quantizer import FakeQuantizer, QuantMode
+from ..batches import call_model
+from . import attention as _attention  # noqa: F401  (registers the attention twin)
+from .config import ConfigLike, load_quant_config
+from .integrations import load_integrations
+from .modules import QUANT_MODULES, QuantModuleMixin
+from .quantizer import FakeQuantizer, QuantMode
 
 logger = logging.getLogger(__name__)
 
