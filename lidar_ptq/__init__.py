@@ -3,9 +3,9 @@
 ``import lidar_ptq`` needs only torch and numpy; integrations (mmdet3d, spconv,
 ONNX) live in their own subpackages and are imported on demand.
 """
-from .quant.model import calibrate, format_summary, iter_quantizers, quant_summary, quantize, set_quant_mode
 from .quant.config import PRESETS, QuantConfig, load_quant_config
 from .quant.fold import fold_batchnorms, fold_bn
+from .quant.model import calibrate, format_summary, iter_quantizers, quant_summary, quantize, set_quant_mode
 from .quant.quantizer import FakeQuantizer, QuantMode, UncalibratedError
 from .quant.spec import QuantSpec
 from .recon.engine import RECON_METHODS, ReconConfig, freeze, reconstruct

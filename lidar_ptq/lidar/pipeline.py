@@ -31,11 +31,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..quant.model import calibrate, quantize
 from ..batches import call_model
 from ..errors import CalibrationDataError
 from ..quant.bias_correction import correct_biases, drop_bias_shifts, fold_bias_shifts
 from ..quant.equalize import equalize_inputs
+from ..quant.model import calibrate, quantize
 from ..quant.quantizer import QuantMode, temporary_quant_mode
 from ..recon.cache import is_sparse_tensor
 from ..recon.engine import ReconConfig, ReconReport, freeze, reconstruct

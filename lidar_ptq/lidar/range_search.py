@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..quant.model import iter_quantizers
 from ..batches import call_model
 from ..quant.bias_correction import channel_means, correct_biases, correctable_layers, drop_bias_shifts
 from ..quant.config import QuantConfig, load_quant_config
+from ..quant.model import iter_quantizers
 from ..quant.modules import QuantModuleMixin
 from ..quant.observers import Observer, build_observer
 from ..quant.quantizer import QuantMode, temporary_quant_mode

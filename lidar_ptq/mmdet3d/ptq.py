@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant.model import format_summary, iter_quantizers, quant_summary, quantize
 from ..errors import LidarPTQError
 from ..lidar.pipeline import LidarPTQReport, PTQRecipe, run_ptq
 from ..lidar.recipes import load_recipe
 from ..lidar.stage_log import StageLog
 from ..quant.fold import fold_batchnorms
+from ..quant.model import format_summary, iter_quantizers, quant_summary, quantize
 from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import FakeQuantizer
 from .adapter import DetectorAdapter, DetectorBatch, has_heatmap_outputs, unwrap_model

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..quant.model import iter_quantizers, set_quant_mode
 from ..batches import call_model
 from ..lockstep import Arrival, Lane, Lockstep
+from ..quant.model import iter_quantizers, set_quant_mode
 from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import QuantMode
 from ..quant.rounding import AdaRound, attach_rounding, bake_rounding

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..quant.model import set_quant_mode
 from ..batches import call_model
+from ..quant.model import set_quant_mode
 from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import FakeQuantizer, QuantMode
 
