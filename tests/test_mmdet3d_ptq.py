@@ -237,6 +237,6 @@ def test_demo_command_of_the_makefile_is_valid():
     assert (ROOT / args[1]).is_file(), "the demo checkpoint must be committed"
     tool = load_tool()
     cfg = tool.build_cfg(tool.parse_args([str(ROOT / args[0]), str(ROOT / args[1]), *args[2:]]))
-    assert cfg.test_cfg.type == "PTQLoop" and cfg.test_cfg.recipe["recon"]["iterations"] == 60
+    assert cfg.test_cfg.type == "PTQLoop" and cfg.test_cfg.recipe["recon"]["iterations"] == 8
     assert cfg.synthetic_data.train == 2000 and cfg.work_dir == "work_dirs/demo"
     assert cfg.test_cfg.export_dir == "work_dirs/demo/export"  # the demo also writes the deployment files

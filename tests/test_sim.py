@@ -82,3 +82,20 @@ def test_generate_writes_mmdet3d_infos_and_resumes(tmp_path):
     longer = generate(DatasetSpec(str(tmp_path), {"train": 3, "val": 3}, seed=1), workers=1, progress=False)
     grown = pickle.loads(longer["val"].read_bytes())["data_list"]
     assert len(grown) == 3 and grown[:2] == shorter  # a longer split starts with the shorter one's frames
+
+
+def test_configs_generate_missing_splits_only_and_benchmarks_can_ask_for_more(tmp_path):
+    """A config's synthetic_data sizes generate a missing split; a present, shorter split (a test's small
+    set) is left alone unless a caller asks for at least more frames of it."""
+    pytest.importorskip("mmdet3d")
+    from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
+    from lidar_ptq.sim.dataset import frames_in
+
+    spec = DatasetSpec(str(tmp_path), {"train": 2, "val": 2}, seed=1)
+    generate(spec, workers=1, progress=False)
+    cfg = {"synthetic_data": {"root": str(tmp_path), "train": 2000, "val": 300, "seed": 1},
+           "test_dataloader": {"dataset": {"data_root": str(tmp_path)}}}
+    assert ensure_synthetic_data(cfg)
+    assert frames_in(spec.info_path("train")) == 2 and frames_in(spec.info_path("val")) == 2
+    ensure_synthetic_data(cfg, workers=1, at_least={"val": 3})
+    assert frames_in(spec.info_path("train")) == 2 and frames_in(spec.info_path("val")) == 3

@@ -415,8 +415,7 @@ def main() -> int:
     done = {row_key(r, default_seed) for r in result["rows"]}
     for name in args.models:
         cfg = Config.fromfile(str(CONFIGS[name]))
-        cfg.synthetic_data["val"] = max(int(cfg.synthetic_data["val"]), args.val_frames)
-        ensure_synthetic_data(cfg)
+        ensure_synthetic_data(cfg, at_least={"val": args.val_frames})
         checkpoint = ROOT / "benchmarks" / "models" / f"centerpoint_{name}_synthetic.pth"
         loader = build_test_loader(cfg, args.val_frames)
         float_model = build_model(cfg, checkpoint)

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..sim.dataset import DatasetSpec, generate
+from ..sim.dataset import DatasetSpec, frames_in, generate
 
 log = logging.getLogger(__name__)
 
 
-def ensure_synthetic_data(cfg: Any, workers: int = 0) -> bool:
+def ensure_synthetic_data(cfg: Any, workers: int = 0, at_least: dict[str, int] | None = None) -> bool:
     """If ``cfg`` declares ``synthetic_data`` (see configs/_base_/synthetic_lidar.py), generate the
-    frames its dataloaders point at unless they exist with as many frames. Returns whether the config
-    uses the set."""
+    splits its dataloaders point at that are missing, and those named in ``at_least`` that hold fewer
+    frames (a benchmark asking for more val frames). Returns whether the config uses the set."""
     settings = cfg.get("synthetic_data")
     if not settings:
         return False
@@ -24,9 +25,12 @@ def ensure_synthetic_data(cfg: Any, workers: int = 0) -> bool:
             root = loader["dataset"]["data_root"]
             break
     root = root or settings["root"]
-    spec = DatasetSpec(str(root), {"train": int(settings["train"]), "val": int(settings["val"])},
-                       int(settings.get("seed", 0)))
-    log.debug("synthetic LiDAR data under %s: %s (missing or short splits are generated)", Path(root),
-              spec.frames)
-    generate(spec, workers)
+    frames = {"train": int(settings["train"]), "val": int(settings["val"])}
+    spec = DatasetSpec(str(root), frames, int(settings.get("seed", 0)))
+    missing = {split: n for split, n in frames.items() if not spec.info_path(split).exists()}
+    missing.update({split: n for split, n in (at_least or {}).items() if split in missing
+                    or not spec.info_path(split).exists() or frames_in(spec.info_path(split)) < n})
+    if missing:
+        log.info("synthetic LiDAR data under %s: generating %s", Path(root), missing)
+        generate(replace(spec, frames=missing), workers)
     return True

@@ -70,7 +70,8 @@ def metainfo() -> dict[str, Any]:
             "info_version": INFO_VERSION}
 
 
-def _frames_in(info_path: Path) -> int:
+def frames_in(info_path: Path) -> int:
+    """How many frames an info file lists."""
     with open(info_path, "rb") as f:
         return len(pickle.load(f)["data_list"])
 
@@ -78,7 +79,7 @@ def _frames_in(info_path: Path) -> int:
 def generate(spec: DatasetSpec, workers: int = 0, progress: bool = True) -> dict[str, Path]:
     """Generate every split that has no info file yet, or one with fewer frames than asked (frames are
     seeded by their index, so a longer split starts with the frames of the shorter one); returns the
-    info paths."""
+    info paths of the splits in ``spec``."""
     from tqdm import tqdm
 
     (Path(spec.root) / "points").mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ def generate(spec: DatasetSpec, workers: int = 0, progress: bool = True) -> dict
     for split, count in spec.frames.items():
         target = spec.info_path(split)
         paths[split] = target
-        if target.exists() and _frames_in(target) >= count:
+        if target.exists() and frames_in(target) >= count:
             continue
         jobs: Iterable[tuple[DatasetSpec, str, int]] = [(spec, split, i) for i in range(count)]
         workers = workers or min(os.cpu_count() or 1, 8)
