@@ -272,9 +272,13 @@ def seed_table(rows: list[dict[str, Any]], seeds: list[int], intervals: dict[str
         by_seed = {r.get("seed", seeds[0]): r["value"] for r in group}
         mean, std = spread(group)
         first = group[0]
-        delta = "+0.00" if first["method"] == "fp32" else \
-            intervals.get(group_label(group)) and interval_cell(intervals.get(group_label(group))) or \
-            f"{100 * (mean - first['fp32']):+.2f} (no interval)"
+        entry = intervals.get(group_label(group))
+        if first["method"] == "fp32":
+            delta = "+0.00"
+        elif entry:
+            delta = interval_cell(entry)
+        else:
+            delta = f"{100 * (mean - first['fp32']):+.2f} (no interval)"
         cells = [f"{100 * by_seed[s]:.2f}" if s in by_seed else "-" for s in seeds] if first["method"] != "fp32" \
             else [f"{100 * first['value']:.2f}"] + ["-"] * (len(seeds) - 1)
         lines.append(f"| {first['method']} | {first['w_bits']}/{first['a_bits']} | " + " | ".join(cells)

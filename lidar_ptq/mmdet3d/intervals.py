@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,12 @@ class MatchTable:
     @property
     def frames(self) -> int:
         return self.gt_count.shape[0]
+
+    @cached_property
+    def class_orders(self) -> list[np.ndarray]:
+        """Each class's detections in the devkit's order (fixed: a resample only reweights them)."""
+        labels = self.label[self.order]
+        return [self.order[labels == c] for c in range(self.gt_count.shape[1])]
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,15 +124,11 @@ def _average_precision(tp_sorted: np.ndarray, positives: float) -> float:
 def mean_ap(table: MatchTable, weights: np.ndarray | None = None) -> float:
     """mAP of the table's frames, each counted ``weights[f]`` times (a bootstrap resample; None: once)."""
     weights = np.ones(table.frames, dtype=np.int64) if weights is None else weights
-    classes, thresholds = table.gt_count.shape[1], table.tp.shape[1]
-    order = table.order
-    repeats = weights[table.frame[order]]
-    aps = np.zeros((classes, thresholds))
-    for c in range(classes):
-        mine = order[table.label[order] == c]
-        times = repeats[table.label[order] == c]
+    aps = np.zeros((table.gt_count.shape[1], table.tp.shape[1]))
+    for c, mine in enumerate(table.class_orders):
+        times = weights[table.frame[mine]]
         positives = float(weights @ table.gt_count[:, c])
-        for t in range(thresholds):
+        for t in range(aps.shape[1]):
             aps[c, t] = _average_precision(np.repeat(table.tp[mine, t], times), positives)
     return float(aps.mean())
 

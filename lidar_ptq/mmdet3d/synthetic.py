@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..sim.dataset import DatasetSpec, frames_in, generate
+from ..sim.dataset import DatasetSpec, generate
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,9 @@ def ensure_synthetic_data(cfg: Any, workers: int = 0, at_least: dict[str, int] |
     root = root or settings["root"]
     frames = {"train": int(settings["train"]), "val": int(settings["val"])}
     spec = DatasetSpec(str(root), frames, int(settings.get("seed", 0)))
-    missing = {split: n for split, n in frames.items() if not spec.info_path(split).exists()}
-    missing.update({split: n for split, n in (at_least or {}).items() if split in missing
-                    or not spec.info_path(split).exists() or frames_in(spec.info_path(split)) < n})
-    if missing:
-        log.info("synthetic LiDAR data under %s: generating %s", Path(root), missing)
-        generate(replace(spec, frames=missing), workers)
+    wanted = {split: n for split, n in frames.items() if not spec.info_path(split).exists()}
+    wanted.update(at_least or {})  # generate() leaves a split that already holds this many frames alone
+    if wanted:
+        log.info("synthetic LiDAR data under %s: making sure of %s frames", Path(root), wanted)
+        generate(replace(spec, frames=wanted), workers)
     return True

@@ -41,15 +41,17 @@ def range_to_scale(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple
 
 
 def _quantize_dequantize_(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
-                          zero_is_zero: bool) -> torch.Tensor:
-    """``codes`` (x / scale, a buffer of its own) rounded, clamped and scaled back, in place."""
+                          zero_is_zero: bool, with_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``codes`` (x / scale, a buffer of its own) rounded, clamped and scaled back, in place; with
+    ``with_mask``, also the mask of the codes within [qmin, qmax] before clamping (the STE's gradient)."""
     codes.round_()
     if not zero_is_zero:
         codes.add_(zero_point)
+    inside = (codes >= qmin) & (codes <= qmax) if with_mask else None
     codes.clamp_(qmin, qmax)
     if not zero_is_zero:
         codes.sub_(zero_point)
-    return codes.mul_(scale)
+    return codes.mul_(scale), inside
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -73,15 +75,10 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         ctx.qmin, ctx.qmax = qmin, qmax
         if ctx.needs_input_grad[1]:
             ctx.save_for_backward(x, scale, zero_point)
-            return _quantize_dequantize_(x / scale, scale, zero_point, qmin, qmax, zero_is_zero)
-        codes = (x / scale).round_()
-        if not zero_is_zero:
-            codes.add_(zero_point)
-        ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
-        codes.clamp_(qmin, qmax)
-        if not zero_is_zero:
-            codes.sub_(zero_point)
-        return codes.mul_(scale)
+            return _quantize_dequantize_(x / scale, scale, zero_point, qmin, qmax, zero_is_zero)[0]
+        out, inside = _quantize_dequantize_(x / scale, scale, zero_point, qmin, qmax, zero_is_zero, with_mask=True)
+        ctx.save_for_backward(inside)
+        return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -107,7 +104,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     Without autograd it works in place on one buffer (the same values: the STE's forward is exact
     rounding), which halves the memory traffic of judging and calibration passes at full size."""
     if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
-        return _quantize_dequantize_(x / scale, scale, zero_point, qmin, qmax, zero_is_zero)
+        return _quantize_dequantize_(x / scale, scale, zero_point, qmin, qmax, zero_is_zero)[0]
     if zero_point.requires_grad:  # a learned zero point: the composed ops carry its gradient
         codes = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
         return (codes - zero_point) * scale
