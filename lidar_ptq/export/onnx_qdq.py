@@ -32,7 +32,7 @@ from torch import nn
 from ..quant.functional import broadcast_shape, fake_quantize
 from ..quant.modules import QuantModuleMixin
 from ..quant.quantizer import FakeQuantizer, temporary_quant_mode
-from .checks import require_exportable
+from .checks import require_exportable, require_standard_ops
 from .onnx_graph import constant_values, consumers, producers, prune_unused
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ def export_onnx(model: nn.Module, args: tuple[Any, ...], path: str | os.PathLike
     finally:
         model.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
+    require_standard_ops(proto)
     adopt_quantizer_names(proto)
     if quantized and simplify:
         from .qdq_rewrite import simplify_qdq

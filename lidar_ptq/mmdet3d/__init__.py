@@ -5,4 +5,4 @@ Importing it registers the synthetic dataset and metric, the PTQ hook and loop
 routes spconv's CPU kernels through the race-free compatibility path (also for
 training: spconv's own CPU kernels give run-to-run different results on >1 thread).
 """
-from . import datasets, hooks, layers, loops, metrics, sparse_block  # noqa: F401  (registries, layers, spconv CPU compat)
+from . import datasets, deform_conv, hooks, layers, loops, metrics, sparse_block  # noqa: F401  (registries, layers, spconv CPU compat)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LidarPTQError
+from ..lidar.anchor_loss import AnchorPositiveLoss, is_anchor_output
 from ..lidar.pipeline import LidarPTQReport, PTQRecipe, run_ptq
 from ..lidar.recipes import load_recipe
 from ..lidar.stage_log import StageLog
@@ -73,15 +74,11 @@ def load_float_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _unquantized_layers(adapter: nn.Module) -> list[str]:
-    """Layers with weights that stayed float (no fake-quant twin): reported, not fatal."""
+    """Layers with weights of their own that stayed float (no fake-quant twin), also where a child of
+    theirs was quantized (a parent's own weight still runs in float): reported, not fatal."""
     skip = (QuantModuleMixin, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
-    names = []
-    for name, module in adapter.named_modules():
-        own = [p for p in module.parameters(recurse=False)]
-        if own and not isinstance(module, skip) and not any(isinstance(m, QuantModuleMixin)
-                                                            for m in module.children()):
-            names.append(f"{name} ({type(module).__name__})")
-    return names
+    return [f"{name} ({type(module).__name__})" for name, module in adapter.named_modules()
+            if not isinstance(module, skip) and any(True for _ in module.parameters(recurse=False))]
 
 
 def folded_adapter(detector: nn.Module) -> DetectorAdapter:
@@ -117,11 +114,7 @@ def quantize_detector(model: nn.Module, batches: list[DetectorBatch], recipe: PT
         with torch.no_grad():
             sample = adapter(batches[0])
         if not has_heatmap_outputs(sample):
-            log.warning("%s head outputs have no heatmaps: TGPL is skipped (reconstruction uses local losses, "
-                        "the range search is skipped: max-min ranges)", type(adapter.head).__name__)
-            recon = dataclasses.replace(recipe.recon, output_loss=None) if recipe.recon is not None else None
-            recipe = dataclasses.replace(recipe, recon=recon, select_loss=None, quant_candidates={})
-            tgpl = False
+            recipe, tgpl = _without_heatmaps(recipe, sample, type(adapter.head).__name__), False
     occupancy = adapter.occupancy_source if recipe.sparse_calibration else None
     report = run_ptq(adapter, batches, recipe, occupancy_source=occupancy,
                      resume_dir=os.fspath(resume_dir) if resume_dir is not None else None, stages=stages)
@@ -135,6 +128,21 @@ def quantize_detector(model: nn.Module, batches: list[DetectorBatch], recipe: PT
     log.info("quantized with %s on %d frames in %.1f s\n%s", recipe.name, report.frames,
              time.perf_counter() - start, format_summary(quant_summary(adapter)))
     return DetectorPTQResult(recipe, report, time.perf_counter() - start, tgpl, unquantized)
+
+
+def _without_heatmaps(recipe: PTQRecipe, sample: Any, head: str) -> PTQRecipe:
+    """The recipe for a head without CenterHead heatmaps. Anchor heads: their own positives
+    (``AnchorPositiveLoss``) judge the range search and guard bias correction and reconstruction, and
+    reconstruction fits local losses only. Other heads: max-min ranges and unguarded stages."""
+    recon = dataclasses.replace(recipe.recon, output_loss=None) if recipe.recon is not None else None
+    if is_anchor_output(sample):
+        log.warning("%s is an anchor head: TGPL is replaced by the loss on the anchor head's positives for the "
+                    "range search and the guards; reconstruction uses local losses", head)
+        select = AnchorPositiveLoss() if recipe.select_loss is not None else None
+        return dataclasses.replace(recipe, recon=recon, select_loss=select)
+    log.warning("%s head outputs have no heatmaps and no anchor maps: TGPL, the range search and the guards are "
+                "skipped (max-min ranges; reconstruction uses local losses)", head)
+    return dataclasses.replace(recipe, recon=recon, select_loss=None, quant_candidates={})
 
 
 def _atomic_write(path: Path, write: Any) -> None:
