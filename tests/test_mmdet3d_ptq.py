@@ -17,7 +17,8 @@ from mmengine.runner import Runner  # noqa: E402
 
 import lidar_ptq.mmdet3d  # noqa: E402,F401
 from lidar_ptq.mmdet3d.adapter import DetectorAdapter  # noqa: E402
-from lidar_ptq.mmdet3d.calibration import build_calibration_loader, check_points, collect_batches  # noqa: E402
+from lidar_ptq.mmdet3d.calibration import (  # noqa: E402
+    build_calibration_loader, check_points, collect_batches, require_points)
 from lidar_ptq.mmdet3d.ptq import CheckpointMismatchError, load_float_checkpoint, load_quantized  # noqa: E402
 from lidar_ptq.sim.dataset import DatasetSpec, generate  # noqa: E402
 
@@ -76,7 +77,8 @@ def quantized_run(synthetic):
 def test_tool_writes_metrics_checkpoint_and_params(quantized_run):
     runner, work = quantized_run
     metrics = json.loads((work / "metrics.json").read_text())
-    for kind in ("fp32", "int8"):
+    assert metrics["precision"] == "w8a8"  # the quantized model's metrics are keyed by its bit-widths
+    for kind in ("fp32", "w8a8"):
         assert 0.0 <= metrics[kind]["det/mAP"] <= 1.0
         assert {"det/AP_car", "det/AP_pedestrian", "det/AP_bicycle"} <= set(metrics[kind])
     assert metrics["recipe"] == "lidar_ptq_w8a8" and metrics["calib_frames"] == 3 and metrics["tgpl"] is True
@@ -120,7 +122,7 @@ def test_quantized_checkpoint_reloads_without_calibration(quantized_run, synthet
 
 def test_hook_route_gives_the_same_quantized_metrics(quantized_run, synthetic):
     _, work = quantized_run
-    loop_metrics = json.loads((work / "metrics.json").read_text())["int8"]
+    loop_metrics = json.loads((work / "metrics.json").read_text())["w8a8"]
     cfg = Config.fromfile(str(synthetic["config"]))
     recipe = str(ROOT / "configs" / "quant" / "ptq" / "lidar_ptq_w8a8.json")  # the CLI's default
     cfg.custom_hooks = [dict(type="LidarPTQHook", recipe=recipe, calib_frames=3,
@@ -140,7 +142,7 @@ def test_baseline_recipe_and_skip_float_eval(synthetic):
               "--quant-config", str(ROOT / "configs" / "quant" / "ptq" / "maxmin_w8a8.json"),
               "--calib-frames", "2", "--skip-float-eval"])
     metrics = json.loads((work / "metrics.json").read_text())
-    assert "fp32" not in metrics and metrics["recipe"] == "maxmin_w8a8" and "det/mAP" in metrics["int8"]
+    assert "fp32" not in metrics and metrics["recipe"] == "maxmin_w8a8" and "det/mAP" in metrics["w8a8"]
 
 
 def user_error_cases(synthetic, tmp):
@@ -227,6 +229,10 @@ def test_nan_points_raise_and_empty_frames_warn(caplog):
     with caplog.at_level(logging.WARNING):
         assert check_points(torch.zeros(0, 4), "b.bin") is False
     assert "frame b.bin has no points" in caplog.text
+    with pytest.raises(ValueError, match="test frame c.bin has no points.*remove it from the test set"):
+        require_points(torch.zeros(0, 4), "c.bin")  # an evaluated frame: mmdet3d cannot run on it
+    with pytest.raises(ValueError, match="frame d.bin has 1 point.*NaN"):
+        require_points(torch.tensor([[float("inf"), 0.0, 0.0, 0.0]]), "d.bin")
 
 
 def test_demo_command_of_the_makefile_is_valid():

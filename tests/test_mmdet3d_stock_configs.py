@@ -59,7 +59,7 @@ def check_run(tmp_path: Path, name: str, extra: list[str]) -> None:
     work = tmp_path / "work"
     runner = run_tool([str(config), str(checkpoint), "--work-dir", str(work), *extra])
     metrics = json.loads((work / "metrics.json").read_text())
-    assert "det/mAP" in metrics["fp32"] and "det/mAP" in metrics["int8"]
+    assert "det/mAP" in metrics["fp32"] and "det/mAP" in metrics[metrics["precision"]]
     assert metrics["unquantized_layers"] == []
     params = json.loads((work / "quant_params.json").read_text())["quantizers"]
     assert params and all(p["calibrated"] and p["bits"] == 8 for p in params)

@@ -95,3 +95,16 @@ def test_layers_import_downward_only():
                               if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
     cycles = sorted((a, b) for a, deps in imports.items() for b in deps if a in imports.get(b, set()) and a < b)
     assert cycles == []
+
+
+def test_the_hook_named_by_its_path_builds_without_custom_imports():
+    """mmdet3d's own tools/test.py with a config that has the hook but no ``custom_imports``: mmengine
+    imports the plugin from the hook's path (a fresh interpreter, nothing of lidar_ptq imported before)."""
+    pytest.importorskip("mmdet3d")
+    code = ("import sys\nfrom mmengine.registry import init_default_scope\nfrom mmdet3d.registry import HOOKS\n"
+            "init_default_scope('mmdet3d')\nassert 'lidar_ptq.mmdet3d' not in sys.modules\n"
+            "hook = HOOKS.build(dict(type='lidar_ptq.mmdet3d.LidarPTQHook', recipe='maxmin', calib_frames=2))\n"
+            "print(type(hook).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("LidarPTQHook")

@@ -26,7 +26,7 @@ def test_waymo_config_runs_and_quantizes(name):
     init_default_scope("mmdet3d")
     cfg = Config.fromfile(str(ROOT / "configs" / "waymo" / f"{name}.py"))
     assert cfg.class_names == ["Car", "Pedestrian", "Cyclist"] and cfg.test_evaluator.type == "WaymoMetric"
-    assert cfg.custom_hooks[0].type == "LidarPTQHook"
+    assert cfg.custom_hooks[0].type == "lidar_ptq.mmdet3d.LidarPTQHook"
     torch.manual_seed(0)
     model = MODELS.build(cfg.model).eval()
     gen = torch.Generator().manual_seed(0)

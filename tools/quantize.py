@@ -73,12 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def is_ptq_hook(hook: dict) -> bool:
+    """``LidarPTQHook`` by its registry name or its import path (``lidar_ptq.mmdet3d.LidarPTQHook``)."""
+    return str(hook.get("type", "")).split(".")[-1] == "LidarPTQHook"
+
+
 def take_hook_settings(cfg: Config) -> dict:
     """Remove LidarPTQHook entries (the PTQ loop quantizes instead; both would quantize twice) and
     return their settings, which serve as defaults for --quant-config / --calib-frames."""
     hooks = list(cfg.get("custom_hooks", []))
-    ptq_hooks = [h for h in hooks if h.get("type") == "LidarPTQHook"]
-    cfg.custom_hooks = [h for h in hooks if h.get("type") != "LidarPTQHook"]
+    ptq_hooks = [h for h in hooks if is_ptq_hook(h)]
+    cfg.custom_hooks = [h for h in hooks if not is_ptq_hook(h)]
     return dict(ptq_hooks[-1]) if ptq_hooks else {}
 
 
@@ -115,10 +120,11 @@ def build_cfg(args: argparse.Namespace) -> Config:
 
 
 def metrics_table(metrics: dict) -> str:
-    keys = sorted(set(metrics.get("fp32", {})) | set(metrics.get("int8", {})))
-    rows = ["| metric | fp32 | int8 |", "|---|---|---|"]
+    kinds = ("fp32", metrics.get("precision", "quantized"))
+    keys = sorted(set(metrics.get(kinds[0], {})) | set(metrics.get(kinds[1], {})))
+    rows = [f"| metric | {kinds[0]} | {kinds[1]} |", "|---|---|---|"]
     for key in keys:
-        values = [metrics.get(kind, {}).get(key) for kind in ("fp32", "int8")]
+        values = [metrics.get(kind, {}).get(key) for kind in kinds]
         rows.append(f"| {key} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in values) + " |")
     return "\n".join(rows)
 
@@ -145,9 +151,9 @@ def run(args: argparse.Namespace) -> int:
     runner.test()
     metrics = runner.test_loop.metrics
     print(metrics_table(metrics))
-    if not any(metrics.get(kind) for kind in ("fp32", "int8")):
+    if not any(metrics.get(kind) for kind in ("fp32", metrics.get("precision"))):
         print("note: the evaluator returned no metric (with format_only=True it only writes result files); "
-              "evaluate with format_only=False and ground truth to compare FP32 and INT8")
+              "evaluate with format_only=False and ground truth to compare FP32 and the quantized model")
     print(f"results in {cfg.work_dir}: metrics.json, quantized.pth, quant_params.json"
           + (f"; deployment files in {cfg.test_cfg.export_dir}" if cfg.test_cfg.get("export_dir") else ""))
     json.dumps(metrics, default=float)  # fail here, not in a consumer, if something is not serialisable

@@ -8,5 +8,4 @@
 # Data: mmdet3d's nuScenes preparation (python mmdet3d/.mim/tools/create_data.py nuscenes ...).
 _base_ = ['mmdet3d::centerpoint/centerpoint_pillar02_second_secfpn_8xb4-cyclic-20e_nus-3d.py']
 
-custom_imports = dict(imports=['lidar_ptq.mmdet3d'], allow_failed_imports=False)
-custom_hooks = [dict(type='LidarPTQHook', recipe='configs/quant/ptq/lidar_ptq_w8a8.json', calib_frames=256)]
+custom_hooks = [dict(type='lidar_ptq.mmdet3d.LidarPTQHook', recipe='configs/quant/ptq/lidar_ptq_w8a8.json', calib_frames=256)]

@@ -2,5 +2,4 @@
 # Usage as in centerpoint_pillar02_nus_lidar_ptq.py.
 _base_ = ['mmdet3d::centerpoint/centerpoint_voxel01_second_secfpn_8xb4-cyclic-20e_nus-3d.py']
 
-custom_imports = dict(imports=['lidar_ptq.mmdet3d'], allow_failed_imports=False)
-custom_hooks = [dict(type='LidarPTQHook', recipe='configs/quant/ptq/lidar_ptq_w8a8.json', calib_frames=256)]
+custom_hooks = [dict(type='lidar_ptq.mmdet3d.LidarPTQHook', recipe='configs/quant/ptq/lidar_ptq_w8a8.json', calib_frames=256)]

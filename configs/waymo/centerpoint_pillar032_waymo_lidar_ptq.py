@@ -7,8 +7,7 @@
 # Evaluation: mmdet3d's WaymoMetric needs waymo-open-dataset in a separate environment (docs/waymo.md).
 _base_ = ['mmdet3d::_base_/datasets/waymoD5-3d-3class.py', 'mmdet3d::_base_/default_runtime.py']
 
-custom_imports = dict(imports=['lidar_ptq.mmdet3d'], allow_failed_imports=False)
-custom_hooks = [dict(type='LidarPTQHook', recipe='configs/quant/ptq/lidar_ptq_w8a8.json', calib_frames=256)]
+custom_hooks = [dict(type='lidar_ptq.mmdet3d.LidarPTQHook', recipe='configs/quant/ptq/lidar_ptq_w8a8.json', calib_frames=256)]
 
 point_cloud_range = [-74.88, -74.88, -2, 74.88, 74.88, 4.0]
 voxel_size = [0.32, 0.32, 6.0]

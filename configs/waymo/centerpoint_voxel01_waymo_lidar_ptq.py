@@ -4,8 +4,7 @@
 # No velocity branch: see centerpoint_pillar032_waymo_lidar_ptq.py for what that means for training.
 _base_ = ['mmdet3d::_base_/datasets/waymoD5-3d-3class.py', 'mmdet3d::_base_/default_runtime.py']
 
-custom_imports = dict(imports=['lidar_ptq.mmdet3d'], allow_failed_imports=False)
-custom_hooks = [dict(type='LidarPTQHook', recipe='configs/quant/ptq/lidar_ptq_w8a8.json', calib_frames=256)]
+custom_hooks = [dict(type='lidar_ptq.mmdet3d.LidarPTQHook', recipe='configs/quant/ptq/lidar_ptq_w8a8.json', calib_frames=256)]
 
 point_cloud_range = [-75.2, -75.2, -2, 75.2, 75.2, 4.0]
 voxel_size = [0.1, 0.1, 0.15]

@@ -77,6 +77,14 @@ def check_points(points: torch.Tensor, frame: str) -> bool:
     return True
 
 
+def require_points(points: torch.Tensor, frame: str) -> None:
+    """An evaluated frame must have finite points and at least one (mmdet3d's detectors fail on none)."""
+    if points.shape[0] == 0:
+        raise CalibrationDataError(f"test frame {frame} has no points inside the point cloud range; mmdet3d's "
+                                   "detectors cannot run on an empty frame: remove it from the test set")
+    check_points(points, frame)
+
+
 def frame_name(sample: Any) -> str:
     meta = getattr(sample, "metainfo", {}) or {}
     return str(meta.get("lidar_path", meta.get("sample_idx", "?")))

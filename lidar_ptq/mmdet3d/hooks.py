@@ -2,8 +2,10 @@
 
 Add to an existing mmdet3d config::
 
-    custom_imports = dict(imports=['lidar_ptq.mmdet3d'], allow_failed_imports=False)
-    custom_hooks = [dict(type='LidarPTQHook', recipe='lidar_ptq', calib_frames=256)]
+    custom_hooks = [dict(type='lidar_ptq.mmdet3d.LidarPTQHook', recipe='lidar_ptq', calib_frames=256)]
+
+(named by its import path, mmengine imports the plugin itself; the short name
+``'LidarPTQHook'`` needs ``custom_imports = dict(imports=['lidar_ptq.mmdet3d'])``)
 
 and run mmdet3d's own test (``Runner.from_cfg(cfg).test()``, ``tools/test.py``).
 mmengine loads the checkpoint in ``load_or_resume``, *after* ``before_run``, so
@@ -23,7 +25,7 @@ from mmengine.hooks import Hook
 from ..lidar.recipes import resolve_recipe
 from ..lidar.stage_log import StageLog
 from .adapter import unwrap_model
-from .calibration import build_calibration_loader, check_points, collect_batches, frame_name
+from .calibration import build_calibration_loader, collect_batches, frame_name, require_points
 from .ptq import DetectorPTQResult, is_quantized, load_quantized, quantize_detector, save_quantized
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ class LidarPTQHook(Hook):
     def _check_batch(self, data_batch: Any) -> None:
         if isinstance(data_batch, dict) and "inputs" in data_batch and "points" in data_batch["inputs"]:
             for points, sample in zip(data_batch["inputs"]["points"], data_batch["data_samples"]):
-                check_points(points, frame_name(sample))
+                require_points(points, frame_name(sample))
 
     def before_test_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
         self._check_batch(data_batch)

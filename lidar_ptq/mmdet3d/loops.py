@@ -18,10 +18,17 @@ from mmengine.dist import is_main_process
 from mmengine.runner import TestLoop
 from mmengine.runner.amp import autocast
 
+from ..lidar.pipeline import PTQRecipe
 from ..lidar.stage_log import StageLog
+from .calibration import frame_name, require_points
 from .hooks import quantize_runner_model
 from .ptq import load_float_checkpoint
 from .visualize import plot_bev
+
+
+def precision_name(recipe: PTQRecipe) -> str:
+    """``w<bits>a<bits>`` of a recipe: the key of the quantized model's metrics."""
+    return f"w{recipe.quant['weight']['bits']}a{recipe.quant['input']['bits']}"
 
 
 @LOOPS.register_module()
@@ -37,12 +44,16 @@ class PTQLoop(TestLoop):
         self.evaluate_float = evaluate_float
         self.export_dir, self.export_sparse_fp16 = export_dir, list(export_sparse_fp16 or [])
         self.metrics: dict[str, Any] = {}
+        self.precision = "quantized"  # "w8a8", "w4a8", ... once the recipe is known
         self.first_frame: dict[str, Any] = {}
         self.last_outputs: Any = None
 
     @torch.no_grad()
     def run_iter(self, idx: int, data_batch: Any) -> None:
-        """TestLoop.run_iter that also keeps the outputs (for the BEV plot of the first frame)."""
+        """TestLoop.run_iter that checks the frame's points first (NaN/Inf or an empty frame is a clear error,
+        not an exception inside mmdet3d's evaluation) and keeps the outputs (for the BEV plot)."""
+        for points, sample in zip(data_batch["inputs"].get("points", []), data_batch["data_samples"]):
+            require_points(points, frame_name(sample))
         self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
         with autocast(enabled=self.fp16):
             outputs = self.runner.model.test_step(data_batch)
@@ -76,14 +87,16 @@ class PTQLoop(TestLoop):
         result = quantize_runner_model(self.runner, self.recipe, self.calib_frames, self.seed, self.batch_size,
                                        self.recipe_options, stages=stages)
         seconds["ptq"] = result.seconds
+        self.precision = precision_name(result.recipe)
         start = time.perf_counter()
-        results["int8"] = self._evaluate("int8")
-        seconds["eval_int8"] = time.perf_counter() - start
+        results[self.precision] = self._evaluate(self.precision)
+        seconds[f"eval_{self.precision}"] = time.perf_counter() - start
         export = None
         if self.export_dir and is_main_process():
             with stages.stage("export"):
                 export = self._export()
         self.metrics = {"recipe": result.recipe.name, "recipe_spec": result.recipe.source,
+                        "precision": self.precision,
                         "calib_frames": result.report.frames, "judge_frames": result.report.judge_frames,
                         "tgpl": result.tgpl,
                         "range_search": result.report.selection,
@@ -101,7 +114,7 @@ class PTQLoop(TestLoop):
             tmp.write_text(json.dumps(self.metrics, indent=1, default=float))
             tmp.replace(path)
         self.runner.call_hook("after_test")
-        return results["int8"]
+        return results[self.precision]
 
     def _export(self) -> dict[str, Any]:
         """Deployment files of the quantized model (``tools/quantize.py --export``)."""
@@ -113,12 +126,13 @@ class PTQLoop(TestLoop):
 
     def _plot(self) -> None:
         """``bev_fp32_vs_int8.png`` in the work dir: the first test frame, both models' detections."""
-        frame = self.first_frame
-        if "int8" not in frame:
+        frame, quantized = self.first_frame, self.precision
+        if quantized not in frame:
             return
-        detections = {k.upper(): frame[k].pred_instances_3d for k in ("fp32", "int8") if k in frame}
-        gt = frame["int8"].get("eval_ann_info", {}).get("gt_bboxes_3d")
+        detections = {k.upper(): frame[k].pred_instances_3d for k in ("fp32", quantized) if k in frame}
+        gt = frame[quantized].get("eval_ann_info", {}).get("gt_bboxes_3d")
         cloud_range = self.runner.cfg.get("point_cloud_range")
         plot_bev(frame["points"], gt, detections, Path(self.runner.work_dir) / "bev_fp32_vs_int8.png",
                  extent=abs(cloud_range[0]) if cloud_range else None,
-                 title=f"{Path(str(frame['int8'].metainfo.get('lidar_path', ''))).name}: FP32 vs INT8")
+                 title=f"{Path(str(frame[quantized].metainfo.get('lidar_path', ''))).name}: FP32 vs "
+                       f"{quantized.upper()}")
