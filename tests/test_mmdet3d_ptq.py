@@ -17,8 +17,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 import lidar_ptq.mmdet3d  # noqa: E402,F401
 from lidar_ptq.mmdet3d.adapter import DetectorAdapter  # noqa: E402
-from lidar_ptq.mmdet3d.calibration import (  # noqa: E402
-    build_calibration_loader, check_points, collect_batches, require_points)
+from lidar_ptq.mmdet3d.calibration import build_calibration_loader, check_points, collect_batches, require_points  # noqa: E402
 from lidar_ptq.mmdet3d.ptq import CheckpointMismatchError, load_float_checkpoint, load_quantized  # noqa: E402
 from lidar_ptq.sim.dataset import DatasetSpec, generate  # noqa: E402
 
