@@ -7,7 +7,7 @@ from conftest import import_or_skip
 
 pytestmark = pytest.mark.mmdet3d
 import_or_skip("mmdet3d")
-from test_mmdet3d_ptq import load_tool  # noqa: E402
+from test_mmdet3d_ptq import ROOT, load_tool  # noqa: E402
 
 bench = load_tool("benchmark_lidar")
 ARGS = argparse.Namespace(iterations=40, seed=0, output_loss_every=4, calib_frames=16)
@@ -90,8 +90,17 @@ def test_seed_runs_are_kept_apart_and_summarised_as_mean_and_spread(tmp_path):
     assert table[4].startswith("| maxmin | 8/8 | 60.00 | - | 60.00 +- 0.00 (1) | -15.00 (no interval) |")
 
 
+def load_study(name):
+    """A script of benchmarks/studies/ as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"{name}_study", ROOT / "benchmarks" / "studies" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_range_rule_study_reports_rank_agreement_per_seed(tmp_path):
-    study = load_tool("study_range_rules")
+    study = load_study("range_rules")
     assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert study.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     rows = [{"seed": 0, "sparse": True, "rule": rule, "bias_correction": bc, "val_map": val, "tgpl": tgpl,

@@ -4,7 +4,7 @@ Points per frame and the fraction of non-empty pillars on nuScenes CenterPoint-P
 (0.2 m over +-51.2 m, 512x512) and on the synthetic pillar config's grid (0.32 m over +-38.4 m).
 Writes benchmarks/synthetic_data.{json,md}.
 
-    python tools/synthetic_stats.py [--frames 50]
+    python benchmarks/studies/synthetic_stats.py [--frames 50]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from lidar_ptq.sim.dataset import DatasetSpec, generate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUSCENES = ROOT.parent / "shared" / "data" / "nuscenes_demo"
 GRIDS = {"nuscenes_pillar_0.2m_51.2m": (0.2, 51.2), "synthetic_pillar_0.32m_38.4m": (0.32, 38.4)}
 

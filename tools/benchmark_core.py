@@ -6,7 +6,7 @@ QDrop, FlexRound, plus one mixed-precision row (average 3-bit weights, QDrop).
 Rows are appended to ``benchmarks/core.json`` as they finish, so a killed run
 continues where it stopped; ``benchmarks/core.md`` is rewritten from the JSON.
 
-Usage: python tools/bench_core.py [--iterations 1000] [--models resnet vit] [--fresh]
+Usage: python tools/benchmark_core.py [--iterations 1000] [--models resnet vit] [--fresh]
 (train the models first: python tools/train_digits.py --model resnet|vit)
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     lines = ["# Reconstruction core on digits (top-1 %, test split)", "",
              f"Iterations per unit: {result['meta']['iterations']} (published default 20000), "
              f"{result['meta']['calib_samples']} calibration samples, batch 32, seed {result['meta']['seed']}; "
-             "first and last layers 8-bit. Produced by `python tools/bench_core.py`.", ""]
+             "first and last layers 8-bit. Produced by `python tools/benchmark_core.py`.", ""]
     settings = [f"W{w}A{a}" for w, a in SETTINGS]
     for model in models:
         fp32 = next(r["fp32"] for r in rows if r["model"] == model)
@@ -136,7 +136,7 @@ def main() -> int:
     calib = list(data["x_train"][: args.calib_samples].split(64))
     meta = {"iterations": args.iterations, "calib_samples": args.calib_samples, "seed": args.seed,
             "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "command": "python tools/bench_core.py " + f"--iterations {args.iterations}",
+            "command": "python tools/benchmark_core.py " + f"--iterations {args.iterations}",
             "vit_softmax": "log2 grid at A4 (variant rows: uniform), uniform at A8",
             "weights_activations": "asymmetric, per-channel weights, per-tensor activations"}
     result = {"meta": meta, "rows": []}

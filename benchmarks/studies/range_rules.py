@@ -7,8 +7,8 @@ and without bias correction (no reconstruction), and records per variant: val mA
 the calibration frames, and a pseudo-label mAP (the float model's detections with score >= 0.3 as
 ground truth for the quantized model's, centre distance 0.5/1 m) on the same frames.
 
-    python tools/study_range_rules.py --seeds 0 1          (about 10 min per seed on 1 CPU thread)
-    python tools/study_range_rules.py --report-only        (rewrite the markdown from the JSON)
+    python benchmarks/studies/range_rules.py --seeds 0 1          (about 10 min per seed on 1 CPU thread)
+    python benchmarks/studies/range_rules.py --report-only        (rewrite the markdown from the JSON)
 
 Writes benchmarks/range_rules.{json,md}; a killed run resumes.
 """
@@ -17,14 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from benchmark_lidar import CONFIGS, ROOT, build_model  # tools/ is on sys.path when run as a script
-from mmengine.config import Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # the benchmark's models and configs
+from benchmark_lidar import CONFIGS, ROOT, build_model  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope
 
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
@@ -110,7 +113,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
              f"No reconstruction; first {meta['val_frames']} val frames; {meta['calib_frames']} calibration frames "
              f"per seed. TGPL: the error LiDAR-PTQ's range search and guards minimise. Pseudo mAP: the float model's "
              f"detections (score >= {meta['pseudo_gt_score']}) as ground truth for the quantized model's, on the "
-             "calibration frames. Written by `tools/study_range_rules.py`.", "",
+             "calibration frames. Written by `benchmarks/studies/range_rules.py`.", "",
              "| seed | sites | rule | bias correction | val mAP | TGPL | pseudo mAP |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['seed']} | {'active' if r['sparse'] else 'all'} | {r['rule']} | "
