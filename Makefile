@@ -10,7 +10,7 @@ setup:
 	bash tools/setup_env.sh
 
 demo: setup
-	$(PY) tools/quantize.py configs/synthetic/centerpoint_pillar_synthetic.py \
+	$(PY) tools/quantize.py configs/synthetic/demo_pillar.py \
 		benchmarks/models/centerpoint_pillar_synthetic.pth \
 		--quant-config configs/quant/ptq/lidar_ptq_w8a8_cpu.json --work-dir work_dirs/demo --export
 

@@ -8,7 +8,7 @@ from test_tgpl import TinyCenterHead
 from torch import nn
 
 import lidar_ptq
-from lidar_ptq.lidar.pipeline import LidarPTQConfig, run_lidar_ptq
+from lidar_ptq.lidar.pipeline import LidarPTQConfig, run_ptq
 from lidar_ptq.lidar.tgpl import TaskGuidedPositiveLoss
 
 
@@ -73,7 +73,7 @@ def test_task_guided_range_search_keeps_the_candidate_with_the_lowest_output_err
     model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=3 * data[0].shape[0])
-    report = run_lidar_ptq(model, data, cfg)
+    report = run_ptq(model, data, cfg)
     assert list(report.selection) == list(LidarPTQConfig().grid_candidates)
     chosen = min(report.selection, key=report.selection.get)
     observers = {row["observer"] for row in lidar_ptq.quant_summary(model)}
@@ -89,8 +89,8 @@ def test_range_search_judges_each_candidate_after_bias_correction_too():
     model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(3)]
     stages = dict(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=6)
-    plain = run_lidar_ptq(copy.deepcopy(model), data, LidarPTQConfig(**stages, bias_correction=False)).selection
-    corrected = run_lidar_ptq(copy.deepcopy(model), data, LidarPTQConfig(**stages)).selection
+    plain = run_ptq(copy.deepcopy(model), data, LidarPTQConfig(**stages, bias_correction=False)).selection
+    corrected = run_ptq(copy.deepcopy(model), data, LidarPTQConfig(**stages)).selection
     assert list(plain) == list(corrected)
     assert all(corrected[k] <= plain[k] for k in plain), (plain, corrected)
     assert sum(corrected[k] < 0.99 * plain[k] for k in plain) >= 2, (plain, corrected)
@@ -115,7 +115,7 @@ def test_full_pipeline_lowers_tgpl_loss_versus_max_min():
                                     calib_frames=8),
     }.items():
         model = copy.deepcopy(float_model)
-        report = run_lidar_ptq(model, data, cfg)
+        report = run_ptq(model, data, cfg)
         assert report.uncalibrated == []
         results[name] = task_loss(model)
     assert results["lidar_ptq"] < results["max_min"], results
@@ -128,7 +128,7 @@ def test_calibration_frames_are_counted_and_too_few_is_a_clear_error():
     assert frames_in(data[0]) == 2 and frames_in((data[0], 1)) == 2 and frames_in({"bev": data[0]}) == 2
     assert len(take_frames(iter(data), 3)) == 2  # stops once enough frames are in
     with pytest.raises(ValueError, match="holds 8 frames but calib_frames=256"):
-        run_lidar_ptq(TinyBEVDetector(), data, LidarPTQConfig())
+        run_ptq(TinyBEVDetector(), data, LidarPTQConfig())
 
 
 @pytest.mark.parametrize("sabotage", [False, True])
@@ -143,7 +143,7 @@ def test_reconstruction_is_undone_when_it_raises_the_task_loss(monkeypatch, sabo
     stages = dict(w_bits=4, a_bits=4, equalize_inputs=False, bias_correction=False, grid_search=False,
                   calib_frames=8)
     calibrated = copy.deepcopy(float_model)
-    run_lidar_ptq(calibrated, data, LidarPTQConfig(**stages, tgpl=False, adaptive_rounding=False))
+    run_ptq(calibrated, data, LidarPTQConfig(**stages, tgpl=False, adaptive_rounding=False))
     real = pipeline.reconstruct
 
     def reconstruct(model, batches, cfg, **kwargs):
@@ -155,7 +155,7 @@ def test_reconstruction_is_undone_when_it_raises_the_task_loss(monkeypatch, sabo
         return report
     monkeypatch.setattr(pipeline, "reconstruct", reconstruct)
     model = copy.deepcopy(float_model)
-    report = run_lidar_ptq(model, data, LidarPTQConfig(**stages, recon={"iterations": 60, "progress": False}))
+    report = run_ptq(model, data, LidarPTQConfig(**stages, recon={"iterations": 60, "progress": False}))
     assert report.reconstruction is not None and set(report.recon_loss) == {"before", "after"}
     assert report.recon_kept == (report.recon_loss["after"] <= report.recon_loss["before"]) == (not sabotage)
     state, reference = model.state_dict(), calibrated.state_dict()
@@ -166,7 +166,7 @@ def test_reconstruction_is_undone_when_it_raises_the_task_loss(monkeypatch, sabo
         assert any(not torch.equal(state[k], reference[k]) for k in reference)
     if sabotage:  # without guards (the paper's recipe) the sabotaged reconstruction stays
         unguarded = copy.deepcopy(float_model)
-        report = run_lidar_ptq(unguarded, data, LidarPTQConfig(**stages, guards=False,
+        report = run_ptq(unguarded, data, LidarPTQConfig(**stages, guards=False,
                                                                recon={"iterations": 60, "progress": False}))
         assert report.recon_kept and report.recon_loss == {}
         assert any(not torch.equal(unguarded.state_dict()[k], reference[k]) for k in reference)
@@ -187,7 +187,7 @@ def test_reconstruction_sees_the_untouched_float_model():
     model = copy.deepcopy(float_model)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "reconstruct", reconstruct)
-        report = run_lidar_ptq(model, data, LidarPTQConfig(w_bits=4, a_bits=4, grid_search=False,
+        report = run_ptq(model, data, LidarPTQConfig(w_bits=4, a_bits=4, grid_search=False,
                                                            recon={"iterations": 5, "progress": False},
                                                            calib_frames=8))
     assert report.bias_correction_loss  # bias correction ran (after reconstruction)
@@ -232,7 +232,7 @@ def test_guard_judges_on_frames_held_out_of_bias_correction_and_reconstruction(m
         monkeypatch.setattr(pipeline, name, fake)
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, grid_search=False, recon={"iterations": 5, "progress": False},
                          calib_frames=8, judge_fraction=0.25)
-    report = run_lidar_ptq(TinyBEVDetector().eval(), data, cfg)
+    report = run_ptq(TinyBEVDetector().eval(), data, cfg)
     assert fitted["bc"] == data[:3] and fitted["recon"] == data[:3]
     assert judged and all(batches == data[3:] for batches in judged)
     assert report.judge_frames == 2 and report.frames == 8

@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also export for deployment (ONNX Q/DQ, libspconv, TensorRT caches); default W/export")
     parser.add_argument("--sparse-fp16", nargs="*", default=[], metavar="PATTERN",
                         help="with --export: sparse layers kept in FP16 on libspconv, e.g. '*conv_input*'")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log everything (mmengine's config and hooks, every quantizer); default: progress bars, "
+                             "warnings and a short summary")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     return parser.parse_args(argv)
@@ -106,6 +109,7 @@ def build_cfg(args: argparse.Namespace) -> Config:
         options.setdefault("recon.seed", args.seed)
     cfg.work_dir = args.work_dir or str(Path("work_dirs") / "ptq" / Path(args.config.split("::")[-1]).stem)
     cfg.launcher = args.launcher
+    cfg.log_level = "INFO" if getattr(args, "verbose", False) else "WARNING"  # mmengine's config/hook dump
     cfg.load_from = None  # the PTQ loop loads the checkpoint strictly itself
     cfg.test_cfg = dict(type="PTQLoop", recipe=recipe.source, checkpoint=args.checkpoint,
                         calib_frames=args.calib_frames, seed=args.seed,
@@ -127,6 +131,14 @@ def metrics_table(metrics: dict) -> str:
         values = [metrics.get(kind, {}).get(key) for kind in kinds]
         rows.append(f"| {key} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in values) + " |")
     return "\n".join(rows)
+
+
+def stage_line(stages: list[dict]) -> str:
+    """Seconds per PTQ stage, in the order they ran (a stage that ran more than once is summed)."""
+    seconds: dict[str, float] = {}
+    for row in stages:
+        seconds[row["stage"]] = seconds.get(row["stage"], 0.0) + float(row["seconds"])
+    return "seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
 
 
 def check_checkpoint(cfg: Config, path: str) -> None:
@@ -151,10 +163,13 @@ def run(args: argparse.Namespace) -> int:
     runner.test()
     metrics = runner.test_loop.metrics
     print(metrics_table(metrics))
+    print(stage_line(metrics.get("stages", [])))
     if not any(metrics.get(kind) for kind in ("fp32", metrics.get("precision"))):
         print("note: the evaluator returned no metric (with format_only=True it only writes result files); "
               "evaluate with format_only=False and ground truth to compare FP32 and the quantized model")
+    plot = Path(cfg.work_dir) / "bev_fp32_vs_int8.png"
     print(f"results in {cfg.work_dir}: metrics.json, quantized.pth, quant_params.json"
+          + (f", {plot.name} (bird's-eye view of one frame)" if plot.is_file() else "")
           + (f"; deployment files in {cfg.test_cfg.export_dir}" if cfg.test_cfg.get("export_dir") else ""))
     json.dumps(metrics, default=float)  # fail here, not in a consumer, if something is not serialisable
     return 0
@@ -163,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Expected user errors end with one line and exit code 2; ``--debug`` shows their traceback."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     return run_reporting_user_errors(lambda: run(args), args.debug)
 
 

@@ -48,9 +48,6 @@ model = dict(
         out_size_factor=out_size_factor, voxel_size=voxel_size[:2], nms_type='circle',
         pre_max_size=1000, post_max_size=83, nms_thr=0.2)))
 
-# LiDAR-PTQ settings used by tools/quantize.py and the LidarPTQHook (see configs/quant/).
-quant = dict(occupancy_source='pts_middle_encoder')
-
 max_epochs = 3
 lr = 2e-3
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=lr, weight_decay=0.01),

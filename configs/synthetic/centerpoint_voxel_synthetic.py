@@ -59,8 +59,6 @@ model = dict(
         out_size_factor=out_size_factor, voxel_size=voxel_size[:2], nms_type='circle',
         pre_max_size=1000, post_max_size=83, nms_thr=0.2)))
 
-quant = dict(occupancy_source=None)  # dense BEV after the sparse encoder: non-zero cells are the active ones
-
 max_epochs = 2
 lr = 2e-3
 optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=lr, weight_decay=0.01),

@@ -2,7 +2,7 @@
 
 1. ranges from max-min, over active sites only when ``sparse_calibration`` (empty
    pillars/voxels are zeros that would otherwise dominate every statistic); with
-   ``occupancy_source`` the BEV occupancy after the scatter defines the active
+   ``run_ptq(..., occupancy_source=...)`` the BEV occupancy after the scatter defines the active
    sites of every dense layer (resized to its grid);
 2. ``grid_search``: Lp search of each clipping range (on active sites);
 3. ``tgpl``: quantization parameters optimised against the task-guided global
@@ -130,7 +130,6 @@ class LidarPTQConfig:
     guards: bool = True  # False: bias correction and reconstruction are kept whatever the task loss says
     tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
     tgpl_weight: float = 1.0
-    occupancy_source: str | None = None  # module whose output is the scattered BEV map (occupancy mask)
     calib_frames: int = 256              # a small fraction of the training set, as in the paper
     recon: Mapping[str, Any] = field(default_factory=dict)      # ReconConfig overrides (iterations, ...)
     overrides: Mapping[str, Any] = field(default_factory=dict)  # quant-config overrides by module pattern
@@ -242,10 +241,15 @@ def first_frames(data: Iterable[Any], frames: int | None) -> list[Any]:
     return taken
 
 
-def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe,
+def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe | LidarPTQConfig | Any = None,
             occupancy_source: str | None = None, freeze_weights: bool = True, resume_dir: str | None = None,
             stages: StageLog | None = None) -> LidarPTQReport:
-    """Quantize ``model`` in place with ``recipe``: quantize, calibrate (over the BEV occupancy of
+    """Quantize ``model`` in place: the one entry point of the CLI, the hook and Python users.
+
+    ``recipe`` is a ``LidarPTQConfig``, a recipe dict or JSON file or method name (``lidar_ptq``,
+    ``maxmin``, ``qdrop``, ...; see ``lidar_ptq.lidar.recipes``), a ``PTQRecipe``, or None (LiDAR-PTQ
+    W8A8). ``occupancy_source`` names the module whose output is the scattered BEV map (the model's
+    property, not the recipe's: the mmdet3d integration finds it). Steps: quantize, calibrate (over the BEV occupancy of
     ``occupancy_source`` when the recipe calibrates sparsely; every range candidate from the same pass),
     search the ranges, correct biases, reconstruct, freeze the rounding. With a ``select_loss``, the
     range search picks by it, and reconstruction and bias correction are each kept only if they lower
@@ -253,6 +257,9 @@ def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe,
     head outputs. With ``resume_dir`` every finished stage is saved there, and a run killed part-way
     resumes after its last finished stage (reconstruction: after its last finished unit) with the same
     result. ``stages`` collects each stage's time, forwards and memory (also in the report)."""
+    if not isinstance(recipe, PTQRecipe):
+        from .recipes import load_recipe  # recipes builds on this module
+        recipe = recipe.recipe() if isinstance(recipe, LidarPTQConfig) else load_recipe(recipe)
     log = stages or StageLog()
     log.watch(model)
     try:
@@ -438,9 +445,3 @@ def guarded(stage: str, judge: TaskJudge | None, apply: Callable[[], Result], un
 def _restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     freeze(model)  # drops the learned roundings, so the module tree matches the saved state again
     model.load_state_dict(state)
-
-
-def run_lidar_ptq(model: nn.Module, calib_data: Iterable[Any], config: LidarPTQConfig | None = None) -> LidarPTQReport:
-    """Quantize ``model`` in place with LiDAR-PTQ (``run_ptq`` with the config's recipe)."""
-    cfg = config or LidarPTQConfig()
-    return run_ptq(model, calib_data, cfg.recipe(), cfg.occupancy_source, freeze_weights=False)
