@@ -12,7 +12,7 @@ setup:
 demo: setup
 	$(PY) tools/quantize.py configs/synthetic/demo_pillar.py \
 		benchmarks/models/centerpoint_pillar_synthetic.pth \
-		--quant-config configs/quant/ptq/lidar_ptq_w8a8_cpu.json --work-dir work_dirs/demo --export
+		--recipe configs/quant/ptq/lidar_ptq_w8a8_cpu.json --work-dir work_dirs/demo --export
 
 test: setup
 	LIDAR_PTQ_REQUIRE_STACK=1 $(PY) -m pytest -m "not slow"

@@ -25,9 +25,9 @@ def test_paper_recipe_rows_follow_the_recipe_file_and_same_recipes_are_found():
     spec = lambda method, w=8: bench.recipe_spec(method, w, 8, ARGS)  # noqa: E731
     paper = json.loads(bench.PAPER_RECIPE.read_text())
     assert {k: spec("lidar_ptq_paper")[k] for k in ("equalize_inputs", "bias_correction", "guards",
-                                                    "grid_candidates")} == \
-        {k: paper[k] for k in ("equalize_inputs", "bias_correction", "guards", "grid_candidates")}
-    assert spec("paper:maxmin")["grid_search"] is False and spec("paper:+tgpl")["adaptive_rounding"] is False
+                                                    "range_rules")} == \
+        {k: paper[k] for k in ("equalize_inputs", "bias_correction", "guards", "range_rules")}
+    assert spec("paper:maxmin")["range_search"] is False and spec("paper:+tgpl")["adaptive_rounding"] is False
     # explicit defaults resolve to the default: a leave-one-out row that leaves nothing out is the default
     assert bench.same_recipe(spec("lidar_ptq"), {**spec("lidar_ptq"), "guards": True, "adaptive_rounding": True})
     for w in (8, 4):

@@ -30,14 +30,14 @@ def sparse_bev(seed, n=2):
 
 
 def test_stage_switches():
-    cfg = LidarPTQConfig(sparse_calibration=False, bias_correction=False, grid_search=False, tgpl=False,
+    cfg = LidarPTQConfig(sparse_calibration=False, bias_correction=False, range_search=False, tgpl=False,
                          adaptive_rounding=False)
     q = cfg.quant_config()
     assert q["input"]["observer"] == "minmax" and q["input"]["observer_kwargs"] == {"sparse": False}
     assert cfg.recon_config() is None
-    assert cfg.recipe().quant_candidates == {} and cfg.recipe().select_loss is None
+    assert cfg.recipe().range_candidates == {} and cfg.recipe().select_loss is None
     # bias correction alone still needs the task loss: it is undone when it raises it
-    cfg = LidarPTQConfig(grid_search=False, tgpl=False, adaptive_rounding=False)
+    cfg = LidarPTQConfig(range_search=False, tgpl=False, adaptive_rounding=False)
     assert cfg.recipe().bias_correction and isinstance(cfg.recipe().select_loss, TaskGuidedPositiveLoss)
     cfg = LidarPTQConfig(tgpl=True, adaptive_rounding=False)
     assert cfg.quant_config()["input"]["observer"] == "minmax"
@@ -51,7 +51,7 @@ def test_stage_switches():
     with pytest.raises(ValueError, match="unknown sites 'half'"):
         cfg.quant_config("lp2@half")
     recipe = cfg.recipe()
-    assert list(recipe.quant_candidates) == ["maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99",
+    assert list(recipe.range_candidates) == ["maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99",
                                              "maxmin@all", "lp2@all", "lp3@all", "pct99.99@all"]
     assert isinstance(recipe.select_loss, TaskGuidedPositiveLoss)
     recon = cfg.recon_config()
@@ -62,7 +62,7 @@ def test_stage_switches():
         assert recon.rounding == "adaround" and recon.output_loss is None
     assert LidarPTQConfig(tgpl=False, adaptive_rounding=False).recon_config() is None
     # identical candidates are judged once: without sparse calibration "lp2@all" is "lp2"
-    dense = LidarPTQConfig(sparse_calibration=False).recipe().quant_candidates
+    dense = LidarPTQConfig(sparse_calibration=False).recipe().range_candidates
     assert list(dense) == ["maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99"]
     assert LidarPTQConfig(tgpl=False, adaptive_rounding=True).recon_config().rounding == "adaround"
     assert LidarPTQConfig(w_bits=4, tgpl=False, adaptive_rounding=False).recon_config() is None
@@ -74,7 +74,7 @@ def test_task_guided_range_search_keeps_the_candidate_with_the_lowest_output_err
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=3 * data[0].shape[0])
     report = run_ptq(model, data, cfg)
-    assert list(report.selection) == list(LidarPTQConfig().grid_candidates)
+    assert list(report.selection) == list(LidarPTQConfig().range_rules)
     chosen = min(report.selection, key=report.selection.get)
     observers = {row["observer"] for row in lidar_ptq.quant_summary(model)}
     expected = {"maxmin": {"minmax"}, "lp": {"lp_search"}, "pct": {"minmax", "percentile"}}
@@ -109,7 +109,7 @@ def test_full_pipeline_lowers_tgpl_loss_versus_max_min():
     results = {}
     for name, cfg in {
         "max_min": LidarPTQConfig(w_bits=4, a_bits=4, sparse_calibration=False, equalize_inputs=False,
-                                  bias_correction=False, grid_search=False, tgpl=False, adaptive_rounding=False,
+                                  bias_correction=False, range_search=False, tgpl=False, adaptive_rounding=False,
                                   calib_frames=8),
         "lidar_ptq": LidarPTQConfig(w_bits=4, a_bits=4, recon={"iterations": 150, "progress": False},
                                     calib_frames=8),
@@ -140,7 +140,7 @@ def test_reconstruction_is_undone_when_it_raises_the_task_loss(monkeypatch, sabo
     torch.manual_seed(0)
     float_model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(4)]
-    stages = dict(w_bits=4, a_bits=4, equalize_inputs=False, bias_correction=False, grid_search=False,
+    stages = dict(w_bits=4, a_bits=4, equalize_inputs=False, bias_correction=False, range_search=False,
                   calib_frames=8)
     calibrated = copy.deepcopy(float_model)
     run_ptq(calibrated, data, LidarPTQConfig(**stages, tgpl=False, adaptive_rounding=False))
@@ -187,7 +187,7 @@ def test_reconstruction_sees_the_untouched_float_model():
     model = copy.deepcopy(float_model)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "reconstruct", reconstruct)
-        report = run_ptq(model, data, LidarPTQConfig(w_bits=4, a_bits=4, grid_search=False,
+        report = run_ptq(model, data, LidarPTQConfig(w_bits=4, a_bits=4, range_search=False,
                                                            recon={"iterations": 5, "progress": False},
                                                            calib_frames=8))
     assert report.bias_correction_loss  # bias correction ran (after reconstruction)
@@ -230,7 +230,7 @@ def test_guard_judges_on_frames_held_out_of_bias_correction_and_reconstruction(m
         return real_loss(model, batches, float_outputs, loss)
     for name, fake in {"correct_biases": correct_biases, "reconstruct": reconstruct, "_task_loss": task_loss}.items():
         monkeypatch.setattr(pipeline, name, fake)
-    cfg = LidarPTQConfig(w_bits=4, a_bits=4, grid_search=False, recon={"iterations": 5, "progress": False},
+    cfg = LidarPTQConfig(w_bits=4, a_bits=4, range_search=False, recon={"iterations": 5, "progress": False},
                          calib_frames=8, judge_fraction=0.25)
     report = run_ptq(TinyBEVDetector().eval(), data, cfg)
     assert fitted["bc"] == data[:3] and fitted["recon"] == data[:3]

@@ -102,7 +102,7 @@ def per_candidate_search(model, data, recipe):
     with torch.no_grad():
         float_outputs = [model(b) for b in data]
     scores = {}
-    for name, candidate in recipe.quant_candidates.items():
+    for name, candidate in recipe.range_candidates.items():
         trial = copy.deepcopy(model)
         lidar_ptq.quantize(trial, candidate)
         equalize_inputs(trial, recipe.equalize, data, recipe.equalize_alpha)
@@ -134,7 +134,7 @@ def test_one_pass_range_search_scores_every_candidate_as_a_calibrated_copy_would
     # per candidate, on the search frames only: judge, correct, judge
     records = log.records
     assert records["calibration"].forwards == 2 * len(data)
-    assert records["range search"].forwards == len(recipe.quant_candidates) * 3 * 2 + 2
+    assert records["range search"].forwards == len(recipe.range_candidates) * 3 * 2 + 2
     assert {row["stage"] for row in report.stages} >= {"calibration", "float outputs", "range search",
                                                       "bias correction", "guard", "freezing", "total"}
 
@@ -143,7 +143,7 @@ def test_a_candidate_that_changes_more_than_the_observers_is_an_error():
     model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(2)]
     recipe = LidarPTQConfig(tgpl=False, adaptive_rounding=False, calib_frames=4).recipe()
-    recipe.quant_candidates = {"w4": {**recipe.quant, "weight": {**recipe.quant["weight"], "bits": 4}}}
+    recipe.range_candidates = {"w4": {**recipe.quant, "weight": {**recipe.quant["weight"], "bits": 4}}}
     with pytest.raises(ValueError, match="differ only in their observers"):
         run_ptq(model, data, recipe)
 
@@ -169,7 +169,7 @@ def test_reconstruction_fits_on_its_first_recon_frames(monkeypatch):
 
     monkeypatch.setattr(pipeline, "reconstruct", watched)
     data = [sparse_bev(s) for s in range(3)]  # two frames a batch
-    cfg = LidarPTQConfig(grid_search=False, bias_correction=False, calib_frames=6, recon_frames=3,
+    cfg = LidarPTQConfig(range_search=False, bias_correction=False, calib_frames=6, recon_frames=3,
                          recon={"iterations": 2, "progress": False})
     report = run_ptq(TinyBEVDetector().eval(), data, cfg.recipe())
     assert seen == [(2, 2)]  # the first batches holding 3 frames
@@ -186,7 +186,7 @@ def test_a_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch, stage):
     torch.manual_seed(0)
     float_model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(3)]
-    cfg = LidarPTQConfig(w_bits=4, a_bits=4, calib_frames=6, grid_candidates=("maxmin", "lp2", "pct99.9"),
+    cfg = LidarPTQConfig(w_bits=4, a_bits=4, calib_frames=6, range_rules=("maxmin", "lp2", "pct99.9"),
                          search_frames=4, recon={"iterations": 20, "progress": False})
     expected = copy.deepcopy(float_model)
     reference = run_ptq(expected, data, cfg.recipe(), freeze_weights=False)
@@ -217,7 +217,7 @@ def test_a_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch, stage):
 
 
 def test_resuming_with_other_frames_is_an_error(tmp_path):
-    cfg = LidarPTQConfig(w_bits=4, a_bits=4, calib_frames=4, grid_search=False, tgpl=False, adaptive_rounding=False)
+    cfg = LidarPTQConfig(w_bits=4, a_bits=4, calib_frames=4, range_search=False, tgpl=False, adaptive_rounding=False)
     run_ptq(TinyBEVDetector().eval(), [sparse_bev(s) for s in range(2)], cfg.recipe(), resume_dir=str(tmp_path))
     with pytest.raises(ValueError, match="another recipe or other calibration frames"):
         run_ptq(TinyBEVDetector().eval(), [sparse_bev(s + 5) for s in range(2)], cfg.recipe(),

@@ -63,7 +63,7 @@ def pillar_run(data):
     tool = load_tool("quantize")
     work = root / "pillar_work"
     assert tool.main([str(configs["pillar"]), str(MODELS_DIR / "centerpoint_pillar_synthetic.pth"), "--work-dir",
-                      str(work), "--quant-config", "maxmin", "--calib-frames", "2", "--skip-float-eval",
+                      str(work), "--recipe", "maxmin", "--calib-frames", "2", "--skip-float-eval",
                       "--export"]) == 0
     return work
 

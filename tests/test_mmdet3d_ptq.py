@@ -24,7 +24,7 @@ from lidar_ptq.sim.dataset import DatasetSpec, generate  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PILLAR = ROOT / "configs" / "synthetic" / "centerpoint_pillar_synthetic.py"
 VOXEL = ROOT / "configs" / "synthetic" / "centerpoint_voxel_synthetic.py"
-FAST = ["--quant-options", "recon.iterations=3", "recon.output_loss_every=2", "grid_candidates=[maxmin,lp4]",
+FAST = ["--recipe-options", "recon.iterations=3", "recon.output_loss_every=2", "range_rules=[maxmin,lp4]",
         "--calib-frames", "3"]
 
 
@@ -126,7 +126,7 @@ def test_hook_route_gives_the_same_quantized_metrics(quantized_run, synthetic):
     recipe = str(ROOT / "configs" / "quant" / "ptq" / "lidar_ptq_w8a8.json")  # the CLI's default
     cfg.custom_hooks = [dict(type="LidarPTQHook", recipe=recipe, calib_frames=3,
                              recipe_options={"recon.iterations": 3, "recon.output_loss_every": 2,
-                                             "grid_candidates": ["maxmin", "lp4"]})]
+                                             "range_rules": ["maxmin", "lp4"]})]
     cfg.load_from = str(synthetic["checkpoint"])
     cfg.work_dir = str(synthetic["root"] / "hook")
     metrics = Runner.from_cfg(cfg).test()
@@ -138,7 +138,7 @@ def test_hook_route_gives_the_same_quantized_metrics(quantized_run, synthetic):
 def test_baseline_recipe_and_skip_float_eval(synthetic):
     work = synthetic["root"] / "maxmin"
     run_tool([str(synthetic["config"]), str(synthetic["checkpoint"]), "--work-dir", str(work),
-              "--quant-config", str(ROOT / "configs" / "quant" / "ptq" / "maxmin_w8a8.json"),
+              "--recipe", str(ROOT / "configs" / "quant" / "ptq" / "maxmin_w8a8.json"),
               "--calib-frames", "2", "--skip-float-eval"])
     metrics = json.loads((work / "metrics.json").read_text())
     assert "fp32" not in metrics and metrics["recipe"] == "maxmin_w8a8" and "det/mAP" in metrics["w8a8"]
@@ -160,15 +160,15 @@ def user_error_cases(synthetic, tmp):
          "is not a complete mmdet3d config"),
         ("missing checkpoint", [config, "missing.pth"], "checkpoint missing.pth does not exist"),
         ("checkpoint of another model", [config, str(other)], "does not match the model of this config"),
-        ("unknown recipe", [config, checkpoint, "--quant-config", "magic"], "neither a file nor a method name"),
-        ("recipe file not JSON", [config, checkpoint, "--quant-config", str(bad_json)], "is not valid JSON"),
-        ("unknown recipe key", [config, checkpoint, "--quant-options", "w_bitz=4"], "unknown key(s) ['w_bitz']"),
-        ("bit-width out of range", [config, checkpoint, "--quant-options", "w_bits=16"], "w_bits=16"),
-        ("bit-width not a number", [config, checkpoint, "--quant-options", "a_bits=x"], "a_bits='x'"),
-        ("unknown reconstruction key", [config, checkpoint, "--quant-options", "recon.iteratons=5"],
+        ("unknown recipe", [config, checkpoint, "--recipe", "magic"], "neither a file nor a method name"),
+        ("recipe file not JSON", [config, checkpoint, "--recipe", str(bad_json)], "is not valid JSON"),
+        ("unknown recipe key", [config, checkpoint, "--recipe-options", "w_bitz=4"], "unknown key(s) ['w_bitz']"),
+        ("bit-width out of range", [config, checkpoint, "--recipe-options", "w_bits=16"], "w_bits=16"),
+        ("bit-width not a number", [config, checkpoint, "--recipe-options", "a_bits=x"], "a_bits='x'"),
+        ("unknown reconstruction key", [config, checkpoint, "--recipe-options", "recon.iteratons=5"],
          "unknown reconstruction key(s) ['iteratons']"),
         ("reconstruction for a calibration-only method",
-         [config, checkpoint, "--quant-config", "maxmin", "--quant-options", "recon.iterations=5"],
+         [config, checkpoint, "--recipe", "maxmin", "--recipe-options", "recon.iterations=5"],
          "does not reconstruct"),
     ]
 
@@ -191,7 +191,7 @@ def test_default_recipe_is_the_documented_file(synthetic):
     tool = load_tool()
     args = tool.parse_args([str(synthetic["config"]), str(synthetic["checkpoint"])])
     tool.build_cfg(args)
-    assert Path(args.quant_config) == ROOT / "configs" / "quant" / "ptq" / "lidar_ptq_w8a8.json"
+    assert Path(args.recipe) == ROOT / "configs" / "quant" / "ptq" / "lidar_ptq_w8a8.json"
 
 
 def test_export_tool_refuses_missing_and_float_checkpoints(synthetic, capsys, tmp_path):
@@ -243,5 +243,8 @@ def test_demo_command_of_the_makefile_is_valid():
     tool = load_tool()
     cfg = tool.build_cfg(tool.parse_args([str(ROOT / args[0]), str(ROOT / args[1]), *args[2:]]))
     assert cfg.test_cfg.type == "PTQLoop" and cfg.test_cfg.recipe["recon"]["iterations"] == 8
-    assert cfg.synthetic_data.train == 2000 and cfg.work_dir == "work_dirs/demo"
+    # a small set of its own: the CPU recipe's 32 calibration frames, 100 val frames (not the benchmark's)
+    assert dict(cfg.synthetic_data) == {"root": "data/synthetic_demo/", "train": 32, "val": 100, "seed": 0}
+    assert all(cfg[f"{split}_dataloader"].dataset.data_root == "data/synthetic_demo/" for split in ("train", "test"))
+    assert cfg.test_cfg.calib_frames in (None, 32) and cfg.log_level == "WARNING" and cfg.work_dir == "work_dirs/demo"
     assert cfg.test_cfg.export_dir == "work_dirs/demo/export"  # the demo also writes the deployment files

@@ -29,7 +29,7 @@ DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "nuscenes_demo"
 pytestmark = [pytest.mark.mmdet3d,
               pytest.mark.skipif(not (DEMO / "nuscenes_demo_infos.pkl").is_file(),
                                  reason="real nuScenes sweep (../shared/data) not present")]
-CALIBRATION_ONLY = ["--quant-options", "tgpl=false", "adaptive_rounding=false", "grid_search=false",
+CALIBRATION_ONLY = ["--recipe-options", "tgpl=false", "adaptive_rounding=false", "range_search=false",
                     "--calib-frames", "1"]
 
 
@@ -92,4 +92,4 @@ def test_stock_nuscenes_config_calibration_stages(tmp_path, name):
 @pytest.mark.slow
 def test_stock_nuscenes_pillar_full_recipe(tmp_path):
     check_run(tmp_path, "centerpoint_pillar02_nus_lidar_ptq",
-              ["--quant-options", "recon.iterations=1", "grid_candidates=[maxmin,lp4]", "--calib-frames", "1"])
+              ["--recipe-options", "recon.iterations=1", "range_rules=[maxmin,lp4]", "--calib-frames", "1"])

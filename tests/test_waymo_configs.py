@@ -38,5 +38,5 @@ def test_waymo_config_runs_and_quantizes(name):
         task = DetectorAdapter(model)(batch)[0][0]
     assert task["heatmap"].shape[1] == 3 and "vel" not in task
     result = quantize_detector(model, [batch], {"method": "lidar_ptq", "calib_frames": 1, "tgpl": False,
-                                                "adaptive_rounding": False, "grid_search": False})
+                                                "adaptive_rounding": False, "range_search": False})
     assert not result.report.uncalibrated and not result.unquantized

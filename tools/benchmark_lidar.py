@@ -62,7 +62,7 @@ PAPER_RECIPE = ROOT / "configs/quant/ptq/lidar_ptq_paper.json"
 PAPER = {k: v for k, v in json.loads(PAPER_RECIPE.read_text()).items()
          if k not in ("method", "w_bits", "a_bits", "calib_frames", "recon")}
 VARIANTS = {  # LiDAR-PTQ recipes as overrides of the package default
-    "paper:maxmin": {**PAPER, "grid_search": False, "tgpl": False, "adaptive_rounding": False},
+    "paper:maxmin": {**PAPER, "range_search": False, "tgpl": False, "adaptive_rounding": False},
     "paper:+grid": {**PAPER, "tgpl": False, "adaptive_rounding": False},
     "paper:+tgpl": {**PAPER, "adaptive_rounding": False},
     "lidar_ptq_paper": PAPER,
@@ -72,7 +72,7 @@ VARIANTS = {  # LiDAR-PTQ recipes as overrides of the package default
     "lidar_ptq-guards": {"guards": False},
 }
 # (what is decided, recipe with it, recipe without it)
-COMPARISONS = [("grid search (paper's chain)", "paper:+grid", "paper:maxmin"),
+COMPARISONS = [("range search (paper's chain)", "paper:+grid", "paper:maxmin"),
                ("TGPL (paper's chain)", "paper:+tgpl", "paper:+grid"),
                ("adaptive rounding (paper's chain)", "lidar_ptq_paper", "paper:+tgpl"),
                ("package default against the paper's recipe", "lidar_ptq", "lidar_ptq_paper"),
@@ -106,8 +106,8 @@ def same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return False
     if a["method"] != "lidar_ptq":
         return a == b
-    flags = ("equalize_inputs", "bias_correction", "grid_search", "tgpl", "adaptive_rounding", "guards",
-             "grid_candidates")
+    flags = ("equalize_inputs", "bias_correction", "range_search", "tgpl", "adaptive_rounding", "guards",
+             "range_rules")
 
     def resolved(spec: dict[str, Any]) -> dict[str, Any]:
         cfg = LidarPTQConfig(w_bits=spec["w_bits"], a_bits=spec["a_bits"], **{f: spec[f] for f in flags if f in spec})

@@ -1,7 +1,7 @@
 """Quantize an mmdet3d LiDAR detector post-training and evaluate it against the float model.
 
-    python tools/quantize.py CONFIG CHECKPOINT [--quant-config Q] [--work-dir W] [--calib-frames N]
-                             [--quant-options k=v ...] [--cfg-options k=v ...]
+    python tools/quantize.py CONFIG CHECKPOINT [--recipe Q] [--work-dir W] [--calib-frames N]
+                             [--recipe-options k=v ...] [--cfg-options k=v ...]
                              [--launcher none|pytorch|slurm] [--skip-float-eval] [--seed S]
                              [--export [DIR]] [--sparse-fp16 PATTERN ...]
 
@@ -53,9 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("checkpoint", help="float checkpoint of the model in CONFIG")
-    parser.add_argument("--quant-config", help="recipe JSON or method name (default: the config's "
+    parser.add_argument("--recipe", help="recipe JSON or method name (default: the config's "
                         "LidarPTQHook recipe, else configs/quant/ptq/lidar_ptq_w8a8.json)")
-    parser.add_argument("--quant-options", nargs="+", action=DictAction, default={},
+    parser.add_argument("--recipe-options", nargs="+", action=DictAction, default={},
                         help="recipe overrides, e.g. recon.iterations=500 w_bits=4")
     parser.add_argument("--work-dir", help="default: work_dirs/ptq/<config name>")
     parser.add_argument("--calib-frames", type=int, help="calibration frames (default: the recipe's, 256)")
@@ -83,7 +83,7 @@ def is_ptq_hook(hook: dict) -> bool:
 
 def take_hook_settings(cfg: Config) -> dict:
     """Remove LidarPTQHook entries (the PTQ loop quantizes instead; both would quantize twice) and
-    return their settings, which serve as defaults for --quant-config / --calib-frames."""
+    return their settings, which serve as defaults for --recipe / --calib-frames."""
     hooks = list(cfg.get("custom_hooks", []))
     ptq_hooks = [h for h in hooks if is_ptq_hook(h)]
     cfg.custom_hooks = [h for h in hooks if not is_ptq_hook(h)]
@@ -94,8 +94,8 @@ def build_cfg(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config)
     cfg.merge_from_dict(args.cfg_options)
     hook = take_hook_settings(cfg)
-    if args.quant_config is None:
-        args.quant_config = hook.get("recipe", str(DEFAULT_RECIPE))
+    if args.recipe is None:
+        args.recipe = hook.get("recipe", str(DEFAULT_RECIPE))
     if args.calib_frames is None:
         args.calib_frames = hook.get("calib_frames")
     if cfg.get("model") is None or cfg.get("test_dataloader") is None or cfg.get("test_evaluator") is None:
@@ -103,8 +103,8 @@ def build_cfg(args: argparse.Namespace) -> Config:
                           "test_evaluator); pass a detector config, not a dataset or schedule base")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
-    options = dict(args.quant_options)
-    recipe = resolve_recipe(args.quant_config, args.calib_frames, options)  # fail fast on a bad recipe
+    options = dict(args.recipe_options)
+    recipe = resolve_recipe(args.recipe, args.calib_frames, options)  # fail fast on a bad recipe
     if recipe.recon is not None:
         options.setdefault("recon.seed", args.seed)
     cfg.work_dir = args.work_dir or str(Path("work_dirs") / "ptq" / Path(args.config.split("::")[-1]).stem)

@@ -81,7 +81,7 @@ def run_seed(seed: int, args: argparse.Namespace, rows: list[dict[str, Any]], ou
             for bias_correction in (False, True):
                 if (seed, sparse, rule, bias_correction) in done:
                     continue
-                config = LidarPTQConfig(sparse_calibration=sparse, grid_search=False, tgpl=False,
+                config = LidarPTQConfig(sparse_calibration=sparse, range_search=False, tgpl=False,
                                         adaptive_rounding=False, bias_correction=bias_correction,
                                         calib_frames=args.calib_frames)
                 recipe = config.recipe()

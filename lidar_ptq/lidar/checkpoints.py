@@ -64,7 +64,7 @@ def recipe_digest(recipe: Any) -> str:
     if recipe.recon is not None:
         recon = {f.name: _plain(getattr(recipe.recon, f.name)) for f in dataclasses.fields(recipe.recon)
                  if f.name not in ("progress", "resume_dir", "cache_dir", "cache_budget_mb")}
-    parts = {"name": recipe.name, "quant": recipe.quant, "candidates": recipe.quant_candidates, "recon": recon,
+    parts = {"name": recipe.name, "quant": recipe.quant, "candidates": recipe.range_candidates, "recon": recon,
              "equalize": list(recipe.equalize), "alpha": recipe.equalize_alpha, "bc": recipe.bias_correction,
              "search_frames": recipe.search_frames, "recon_frames": recipe.recon_frames, "judge": recipe.judge_fraction,
              "loss": _plain(recipe.select_loss), "sparse": recipe.sparse_calibration}

@@ -4,7 +4,7 @@
    pillars/voxels are zeros that would otherwise dominate every statistic); with
    ``run_ptq(..., occupancy_source=...)`` the BEV occupancy after the scatter defines the active
    sites of every dense layer (resized to its grid);
-2. ``grid_search``: Lp search of each clipping range (on active sites);
+2. ``range_search``: Lp search of each clipping range (on active sites);
 3. ``tgpl``: quantization parameters optimised against the task-guided global
    positive loss on the detector output (added to the local unit loss);
 4. ``adaptive_rounding``: AdaRound reconstruction of the weights.
@@ -60,7 +60,7 @@ class PTQRecipe:
     # Task-guided choice among alternative quant configs that differ only in their observers: all are
     # calibrated by one pass (lidar_ptq.lidar.range_search) and the one whose output has the lowest
     # ``select_loss`` against the float output wins.
-    quant_candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    range_candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
     select_loss: Any = None  # fn(quant_output, float_output, batch) -> scalar, e.g. TGPL (also guards
     #                          bias correction and reconstruction: each is undone if it raises this loss)
     # Input-channel equalization (lidar_ptq.quant.equalize) of the layers matching these patterns,
@@ -99,26 +99,19 @@ class LidarPTQConfig:
     equalize_patterns: tuple[str, ...] = ("*voxel_encoder*",)
     equalize_alpha: float = 0.75
     bias_correction: bool = True
-    grid_search: bool = True
+    range_search: bool = True
     tgpl: bool = True
     # AdaRound at every bit-width, as in the paper. At W4 it is what recovers accuracy on the synthetic
     # pillar model (67.60 -> 73.34 at 200 iterations). At W8 (40 iterations) the pillar mAP without it
     # was 0.18 higher over 3 calibration draws, inside the draws' own spread (std 0.2-0.4), and it lowers
     # TGPL on held-out frames too (ablation:judge-heldout), so the paper's default stands.
     adaptive_rounding: bool = True
-    # The grid search of the clipping ranges. A local Lp error alone misleads on detectors (objects
-    # live in rare, large BEV activations that p=2 clips away: on the synthetic pillar model p=2 cost
-    # 8 mAP), so the search is task-guided: of the clipping rules in ``grid_candidates`` (ranges of all
-    # from one calibration pass) the one with the lowest TGPL error on the calibration frames is kept.
-    # Rules: "maxmin" (no clipping: the sparse max-min ranges), "lp<p>" (Lp-error search of the clipping
-    # range, weights and activations), "pct<q>" (activations clipped at the q-th percentile of |x|);
-    # "<rule>@all" takes the activation statistics over every site instead of the active ones.
-    # Candidates are judged after bias correction when it is on (it reorders them: on the pillar
-    # model max-min is the worst rule without it and among the best with it), and the all-site
-    # rules are there because, corrected, they beat their active-site twins on every draw measured
-    # (lp2: 74.35 against 73.98 mean over 3 draws; benchmarks/range_rules.md).
-    grid_candidates: tuple[str, ...] = ("maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99",
-                                        "maxmin@all", "lp2@all", "lp3@all", "pct99.99@all")
+    # The range search (the paper's grid search of the clipping range), task-guided: of these clipping
+    # rules, all calibrated in one pass, the one with the lowest TGPL error on the calibration frames
+    # wins. "maxmin" (no clipping), "lp<p>" (Lp-error search), "pct<q>" (q-th percentile of |x|);
+    # "<rule>@all" counts every site instead of the active ones (docs/method.md, Range search).
+    range_rules: tuple[str, ...] = ("maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99",
+                                   "maxmin@all", "lp2@all", "lp3@all", "pct99.99@all")
     search_frames: int | None = 16
     recon_frames: int | None = None  # reconstruction fits on at most this many frames (bounds its memory)
     # Bias correction and reconstruction are each kept only if they lower TGPL on the calibration frames;
@@ -136,7 +129,7 @@ class LidarPTQConfig:
 
     def quant_config(self, clipping: str = "maxmin") -> dict[str, Any]:
         """The quant config of stages 1-2: max-min ranges (over active sites when sparse), clipped by
-        the rule ``clipping`` (see ``grid_candidates``)."""
+        the rule ``clipping`` (see ``range_rules``)."""
         clipping, _, sites = clipping.partition("@")
         if sites not in ("", "active", "all"):
             raise ValueError(f"unknown sites {sites!r} in clipping rule: use '<rule>', '<rule>@active' or '<rule>@all'")
@@ -171,13 +164,13 @@ class LidarPTQConfig:
 
     def recipe(self, name: str | None = None) -> PTQRecipe:
         candidates: dict[str, dict[str, Any]] = {}
-        for rule in self.grid_candidates if self.grid_search else ():
+        for rule in self.range_rules if self.range_search else ():
             config = self.quant_config(rule)
             if config not in candidates.values():  # e.g. "lp2@all" is "lp2" without sparse calibration
                 candidates[rule] = config
         return PTQRecipe(name or f"lidar_ptq_w{self.w_bits}a{self.a_bits}", self.quant_config(),
                          self.recon_config(), self.sparse_calibration, self.calib_frames,
-                         quant_candidates=candidates,
+                         range_candidates=candidates,
                          select_loss=(TaskGuidedPositiveLoss(self.tgpl_config)
                                       if candidates or self.bias_correction or self.recon_config() else None),
                          equalize=tuple(self.equalize_patterns) if self.equalize_inputs else (),
@@ -272,7 +265,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
                 freeze_weights: bool, resume_dir: str | None, log: StageLog) -> LidarPTQReport:
     data = take_frames(calib_data, recipe.calib_frames)
     occupancy = occupancy_source if recipe.sparse_calibration else None
-    search = bool(recipe.quant_candidates) and recipe.select_loss is not None
+    search = bool(recipe.range_candidates) and recipe.select_loss is not None
     saved = StageCheckpoints(resume_dir, recipe, data)
     fit_data, judge_data = split_for_judge(data, recipe.judge_fraction if recipe.select_loss is not None else 0.0)
     guard_judge = None  # set once the judge exists, if the recipe guards its stages
@@ -288,7 +281,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
             if recipe.equalize:
                 equalize_inputs(model, recipe.equalize, data, recipe.equalize_alpha)
             if search:
-                specs = candidate_specs(model, recipe.quant, recipe.quant_candidates)
+                specs = candidate_specs(model, recipe.quant, recipe.range_candidates)
                 ranges = collect_candidate_ranges(model, data, specs, occupancy)
                 missing = ranges.uncalibrated
             else:
@@ -307,7 +300,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
                                              recipe.select_loss, search_data if recipe.bias_correction else None)
                 best = min(selection, key=selection.get)
                 ranges.apply(model, best)
-                quant = recipe.quant_candidates[best]
+                quant = recipe.range_candidates[best]
                 logger.info("task-guided range search: %s -> %s",
                             ", ".join(f"{k} {v:.4g}" for k, v in selection.items()), best)
         saved.save("ranges", {"quant": quant, "state": model.state_dict(), "uncalibrated": missing,

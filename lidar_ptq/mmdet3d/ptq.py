@@ -142,7 +142,7 @@ def _without_heatmaps(recipe: PTQRecipe, sample: Any, head: str) -> PTQRecipe:
         return dataclasses.replace(recipe, recon=recon, select_loss=select)
     log.warning("%s head outputs have no heatmaps and no anchor maps: TGPL, the range search and the guards are "
                 "skipped (max-min ranges; reconstruction uses local losses)", head)
-    return dataclasses.replace(recipe, recon=recon, select_loss=None, quant_candidates={})
+    return dataclasses.replace(recipe, recon=recon, select_loss=None, range_candidates={})
 
 
 def _atomic_write(path: Path, write: Any) -> None:
