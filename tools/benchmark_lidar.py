@@ -457,7 +457,7 @@ def main() -> int:
                     outcome = quantize_detector(model, batches, recipe_from_dict(spec))
                     row = {"model": model_name, "method": method, "w_bits": w, "a_bits": a, "seed": seed,
                            "metric": "mAP", "fp32": fp32_row["value"], "seconds": outcome.seconds, "recipe": spec,
-                           "range_search": outcome.report.selection, "judge_frames": outcome.report.judge_frames,
+                           "range_search": outcome.report.selection,
                            "bias_correction": {**outcome.report.bias_correction_loss,
                                                "kept": bool(outcome.report.bias_corrections)},
                            "reconstruction": {**outcome.report.recon_loss, "kept": outcome.report.recon_kept}}

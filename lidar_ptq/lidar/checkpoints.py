@@ -66,7 +66,7 @@ def recipe_digest(recipe: Any) -> str:
                  if f.name not in ("progress", "resume_dir", "cache_dir", "cache_budget_mb")}
     parts = {"name": recipe.name, "quant": recipe.quant, "candidates": recipe.range_candidates, "recon": recon,
              "equalize": list(recipe.equalize), "alpha": recipe.equalize_alpha, "bc": recipe.bias_correction,
-             "search_frames": recipe.search_frames, "recon_frames": recipe.recon_frames, "judge": recipe.judge_fraction,
+             "search_frames": recipe.search_frames, "recon_frames": recipe.recon_frames,
              "loss": _plain(recipe.select_loss), "sparse": recipe.sparse_calibration}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
 

@@ -13,8 +13,7 @@ Stages 3 and 4 are one call of the generic reconstruction core: TGPL without
 adaptive rounding learns the activation step sizes with nearest rounding. Not in the
 paper: input equalization before calibration and bias correction before
 reconstruction; reconstruction and bias correction are each kept only if they
-lower the TGPL error on the calibration frames (optionally on a share of them
-held out of their fitting, ``judge_fraction``).
+lower the TGPL error on the calibration frames.
 Quantizers are symmetric with zero point 0 (per-channel weights, per-tensor
 activations), as TensorRT's explicit INT8 requires.
 """
@@ -79,10 +78,6 @@ class PTQRecipe:
     # activation sets of every frame it fits on in memory (134 MB a frame at the first backbone unit of
     # the stock nuScenes pillar model), so this bounds its memory (docs/full_size.md).
     recon_frames: int | None = None
-    # The guard's judge: the last ``judge_fraction`` of the calibration batches are kept out of bias
-    # correction and reconstruction and the select loss is measured on them alone (0: judge on every
-    # calibration frame, the frames the stages were also fitted to).
-    judge_fraction: float = 0.0
     # Keep bias correction and reconstruction only if they lower the select loss (False: always keep).
     guards: bool = True
 
@@ -114,12 +109,6 @@ class LidarPTQConfig:
                                    "maxmin@all", "lp2@all", "lp3@all", "pct99.99@all")
     search_frames: int | None = 16
     recon_frames: int | None = None  # reconstruction fits on at most this many frames (bounds its memory)
-    # Bias correction and reconstruction are each kept only if they lower TGPL on the calibration frames;
-    # > 0 holds this share of the batches out of both and judges on them alone. Off by default: measured
-    # at 0.25 (benchmarks/lidar_seeds.md, ablation:judge-heldout) the verdicts were the same on the pillar
-    # model (3 of 3 draws; val mAP 74.14 against 74.17); on the voxel model reconstruction was undone
-    # instead (82.74 against 82.71), and at W4A8 fitting on 12 of 16 frames cost about 0.5 mAP.
-    judge_fraction: float = 0.0
     guards: bool = True  # False: bias correction and reconstruction are kept whatever the task loss says
     tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
     tgpl_weight: float = 1.0
@@ -176,7 +165,7 @@ class LidarPTQConfig:
                          equalize=tuple(self.equalize_patterns) if self.equalize_inputs else (),
                          equalize_alpha=self.equalize_alpha, bias_correction=self.bias_correction,
                          search_frames=self.search_frames, recon_frames=self.recon_frames,
-                         judge_fraction=self.judge_fraction, guards=self.guards)
+                         guards=self.guards)
 
 
 @dataclass
@@ -190,7 +179,6 @@ class LidarPTQReport:
     bias_correction_loss: dict[str, float] = field(default_factory=dict)  # select_loss "before"/"after" it
     recon_loss: dict[str, float] = field(default_factory=dict)  # select_loss "before"/"after" reconstruction
     recon_kept: bool = True  # False: reconstruction raised select_loss and was undone
-    judge_frames: int = 0  # frames the guard judged on (held out of bias correction and reconstruction)
     stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: seconds, forwards, peak_rss_mb
 
 
@@ -267,7 +255,6 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
     occupancy = occupancy_source if recipe.sparse_calibration else None
     search = bool(recipe.range_candidates) and recipe.select_loss is not None
     saved = StageCheckpoints(resume_dir, recipe, data)
-    fit_data, judge_data = split_for_judge(data, recipe.judge_fraction if recipe.select_loss is not None else 0.0)
     guard_judge = None  # set once the judge exists, if the recipe guards its stages
     selection: dict[str, float] = {}
     ranges_state = saved.load("ranges")
@@ -289,7 +276,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
     judge = None
     if recipe.select_loss is not None:
         with log.stage("float outputs"):
-            judge = TaskJudge(model, data, judge_data, recipe.select_loss, log)
+            judge = TaskJudge(model, data, recipe.select_loss, log)
         guard_judge = judge if recipe.guards else None
     if ranges_state is None:
         quant = recipe.quant
@@ -319,7 +306,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
         with log.stage("bias correction"):
             corrections, bc_loss, bc_kept = guarded(
                 "bias correction", guard_judge,
-                lambda: correct_biases(model, fit_data, fold=False, frames=frames_in), lambda: drop_bias_shifts(model))
+                lambda: correct_biases(model, data, fold=False, frames=frames_in), lambda: drop_bias_shifts(model))
         corrections = corrections if bc_kept else {}
         saved.save("bias_correction", {"state": model.state_dict(), "corrections": corrections, "loss": bc_loss,
                                        "kept": bc_kept})
@@ -327,7 +314,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
     if recipe.recon is not None:
         recon_cfg = saved.recon_config(recipe.recon)
         before = copy.deepcopy(model.state_dict()) if guard_judge is not None else {}
-        recon_data = first_frames(fit_data, recipe.recon_frames)
+        recon_data = first_frames(data, recipe.recon_frames)
         float_outputs = judge.outputs_for(recon_data) if judge is not None and recon_cfg.output_loss else None
         with log.stage("reconstruction"):
             report, recon_loss, recon_kept = guarded(
@@ -339,28 +326,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
         if freeze_weights and report is not None:
             freeze(model)
     return LidarPTQReport(recipe, missing, report, sum(frames_in(b) for b in data), selection, corrections,
-                          bc_loss, recon_loss, recon_kept,
-                          judge_frames=sum(frames_in(b) for b in judge_data) if judge is not None else 0,
-                          stages=log.rows())
-
-
-def split_for_judge(data: list[Any], fraction: float) -> tuple[list[Any], list[Any]]:
-    """(batches to fit bias correction and reconstruction on, batches to judge them on). With
-    ``fraction`` 0 both are every batch; else the last ``fraction`` of the batches (at least one) are
-    held out, so a stage that merely fits its own frames better is not mistaken for a better model. A
-    single batch cannot be split: it does both, with a warning (a smoke run on one frame)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"judge_fraction={fraction} must be in [0, 1): the share of calibration batches held out "
-                         "to judge bias correction and reconstruction")
-    if fraction == 0.0:
-        return data, data
-    if len(data) < 2:
-        logger.warning("one calibration batch: bias correction and reconstruction are judged on the frames "
-                       "they fit (judge_fraction=%s needs 2 or more batches: more calib_frames or a smaller "
-                       "batch)", fraction)
-        return data, data
-    held = min(len(data) - 1, max(1, round(fraction * len(data))))
-    return data[:-held], data[-held:]
+                          bc_loss, recon_loss, recon_kept, stages=log.rows())
 
 
 def _calibrate(model: nn.Module, data: list[Any], occupancy_source: str | None) -> list[str]:
@@ -373,18 +339,17 @@ _task_loss = task_loss  # the judge's measure (a module attribute, so tests can 
 
 class TaskJudge:
     """The select loss of the model's current quantized output against its float output, on the
-    judging frames (``split_for_judge``). Float outputs of every calibration batch are taken once, right
-    after calibration, and serve the range search, the guards and reconstruction's output loss alike:
-    all are judged against the untouched float model (a FLOAT-mode pass later would see a corrected bias)."""
+    calibration frames. Float outputs of every calibration batch are taken once, right after
+    calibration, and serve the range search, the guards and reconstruction's output loss alike: all are
+    judged against the untouched float model (a FLOAT-mode pass later would see a corrected bias)."""
 
-    def __init__(self, model: nn.Module, data: list[Any], judge_data: list[Any], loss: Any,
-                 stages: StageLog | None = None) -> None:
-        self.model, self.data, self.loss, self.stages = model, judge_data, loss, stages
+    def __init__(self, model: nn.Module, data: list[Any], loss: Any, stages: StageLog | None = None) -> None:
+        self.model, self.data, self.loss, self.stages = model, data, loss, stages
         with torch.no_grad(), temporary_quant_mode(model, QuantMode.FLOAT):
             self._outputs = [call_model(model, b) for b in tqdm(data, desc="float outputs", unit="batch",
                                                                   leave=False)]
         self._index = {id(b): i for i, b in enumerate(data)}
-        self.float_outputs = self.outputs_for(judge_data)
+        self.float_outputs = self._outputs
         self._current: float | None = None  # the loss of the model as it stands, when known
 
     def outputs_for(self, batches: list[Any]) -> list[Any]:

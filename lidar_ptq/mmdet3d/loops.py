@@ -97,7 +97,7 @@ class PTQLoop(TestLoop):
                 export = self._export()
         self.metrics = {"recipe": result.recipe.name, "recipe_spec": result.recipe.source,
                         "precision": self.precision,
-                        "calib_frames": result.report.frames, "judge_frames": result.report.judge_frames,
+                        "calib_frames": result.report.frames,
                         "tgpl": result.tgpl,
                         "range_search": result.report.selection,
                         "bias_correction": {**result.report.bias_correction_loss,
