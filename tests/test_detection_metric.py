@@ -47,3 +47,18 @@ def test_a_missed_class_scores_zero():
     result = center_distance_map(frames(0.0, drop_class=2), CLASSES)
     assert result["AP_bicycle"] == 0.0
     assert result["mAP"] == pytest.approx(2 / 3)
+
+
+def test_classes_outside_the_devkits_names_score_like_their_nuscenes_twins():
+    """KITTI's 'Car'/'Pedestrian'/'Cyclist' get stand-in devkit names: the same AP as the same boxes
+    scored under nuScenes names."""
+    frames = [{"token": "f0",
+               "gt": {"centres": np.array([[1.0, 2.0, 0.0], [5.0, 5.0, 0.0]]), "sizes": np.ones((2, 3)),
+                      "yaws": np.zeros(2), "labels": np.array([0, 2]), "scores": np.ones(2)},
+               "pred": {"centres": np.array([[1.2, 2.0, 0.0], [9.0, 9.0, 0.0], [5.1, 5.0, 0.0]]),
+                        "sizes": np.ones((3, 3)), "yaws": np.zeros(3), "labels": np.array([0, 0, 2]),
+                        "scores": np.array([0.9, 0.8, 0.7])}}]
+    kitti = center_distance_map(frames, ["Car", "Pedestrian", "Cyclist"])
+    nus = center_distance_map(frames, ["car", "pedestrian", "bicycle"])
+    assert kitti["mAP"] == nus["mAP"] > 0
+    assert kitti["AP_Car"] == nus["AP_car"] and kitti["AP_Cyclist"] == nus["AP_bicycle"]

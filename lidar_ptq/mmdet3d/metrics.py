@@ -19,6 +19,18 @@ from mmengine.evaluator import BaseMetric
 DIST_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
 
 
+def devkit_name(classes: Sequence[str], label: int) -> str:
+    """The nuScenes class name the devkit matches label ``label`` under. The devkit accepts only its own
+    ten names and its AP does not depend on which name a class has, so a class list that is not made of
+    them (KITTI's 'Car', a dataset's own names) is scored under stand-in names, one per class."""
+    from nuscenes.eval.detection.constants import DETECTION_NAMES
+    if all(name in DETECTION_NAMES for name in classes):
+        return classes[label]
+    if len(classes) > len(DETECTION_NAMES):
+        raise ValueError(f"CenterDistanceMAP scores at most {len(DETECTION_NAMES)} classes, got {len(classes)}")
+    return DETECTION_NAMES[label]
+
+
 def _eval_boxes(frames: list[dict[str, Any]], classes: Sequence[str], kind: str) -> Any:
     from nuscenes.eval.common.data_classes import EvalBoxes
     from nuscenes.eval.detection.data_classes import DetectionBox
@@ -35,7 +47,8 @@ def _eval_boxes(frames: list[dict[str, Any]], classes: Sequence[str], kind: str)
                 sample_token=token, translation=tuple(float(v) for v in centre),
                 size=(float(size[1]), float(size[0]), float(size[2])),  # nuScenes order: width, length, height
                 rotation=tuple(Quaternion(axis=[0.0, 0.0, 1.0], radians=float(yaw)).elements),
-                velocity=(0.0, 0.0), detection_name=classes[int(label)], detection_score=float(score)))
+                velocity=(0.0, 0.0), detection_name=devkit_name(classes, int(label)),
+                detection_score=float(score)))
         boxes.add_boxes(token, items)
     return boxes
 
@@ -49,8 +62,9 @@ def center_distance_map(frames: list[dict[str, Any]], classes: Sequence[str],
     gt, pred = _eval_boxes(frames, classes, "gt"), _eval_boxes(frames, classes, "pred")
     results: dict[str, float] = {}
     class_aps = []
-    for name in classes:
-        aps = [calc_ap(accumulate(gt, pred, name, center_distance, th), 0.1, 0.1) for th in thresholds]
+    for label, name in enumerate(classes):
+        aps = [calc_ap(accumulate(gt, pred, devkit_name(classes, label), center_distance, th), 0.1, 0.1)
+               for th in thresholds]
         for th, ap in zip(thresholds, aps):
             results[f"AP_{name}@{th:g}m"] = ap
         results[f"AP_{name}"] = float(np.mean(aps))
