@@ -49,72 +49,61 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PTQRecipe:
-    """What ``run_ptq`` executes: quant config, calibration sites, reconstruction (None: calibration only)."""
+    """What ``run_ptq`` executes, for LiDAR-PTQ and the baselines alike (``LidarPTQConfig.recipe()`` and
+    ``lidar_ptq.lidar.recipes`` make them): the quant config, where ranges are calibrated, the range
+    candidates and the loss that judges them and guards the later stages, bias correction, and
+    reconstruction (None: calibration only)."""
     name: str
     quant: dict[str, Any]
     recon: ReconConfig | None = None
     sparse_calibration: bool = False
     calib_frames: int = 256
     source: dict[str, Any] = field(default_factory=dict)  # the dict it was made from (saved with results)
-    # Task-guided choice among alternative quant configs that differ only in their observers: all are
-    # calibrated by one pass (lidar_ptq.lidar.range_search) and the one whose output has the lowest
-    # ``select_loss`` against the float output wins.
-    range_candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
-    select_loss: Any = None  # fn(quant_output, float_output, batch) -> scalar, e.g. TGPL (also guards
-    #                          bias correction and reconstruction: each is undone if it raises this loss)
-    # Input-channel equalization (lidar_ptq.quant.equalize) of the layers matching these patterns,
-    # before calibration; alpha is SmoothQuant's migration strength.
-    equalize: tuple[str, ...] = ()
+    range_candidates: dict[str, dict[str, Any]] = field(default_factory=dict)  # rule -> its quant config
+    select_loss: Any = None  # fn(quant_output, float_output, batch) -> scalar: judges and guards
+    equalize: tuple[str, ...] = ()  # module patterns whose input channels are equalized
     equalize_alpha: float = 0.75
-    # Empirical bias correction (lidar_ptq.quant.bias_correction) after calibration, before reconstruction.
     bias_correction: bool = False
-    # The range search judges each candidate on the first ``search_frames`` calibration frames (None:
-    # all), with bias correction on also after a correction measured on them (it reorders the rules).
-    # Bounded, the search costs the same at any number of calibration frames (docs/full_size.md). On the
-    # synthetic pillar model with 16 calibration frames, judging on 8 picked worse rules than judging on
-    # all 16 (W8A8 mAP 0.27-0.37 lower on each of three draws; docs/benchmarks.md), hence 16.
-    search_frames: int | None = 16
-    # Reconstruction fits on the first ``recon_frames`` of the fitting frames (None: all). It keeps two
-    # activation sets of every frame it fits on in memory (134 MB a frame at the first backbone unit of
-    # the stock nuScenes pillar model), so this bounds its memory (docs/full_size.md).
-    recon_frames: int | None = None
-    # Keep bias correction and reconstruction only if they lower the select loss (False: always keep).
+    search_frames: int | None = 16  # the range search judges on this many frames (bounds its cost)
+    recon_frames: int | None = None  # reconstruction fits on this many frames (bounds its memory)
     guards: bool = True
 
 
 @dataclass
 class LidarPTQConfig:
+    """LiDAR-PTQ's settings; a recipe file holds the same keys (configs/quant/ptq/*.json).
+
+    Usually set: ``w_bits``, ``a_bits``, ``calib_frames``, the stages (``sparse_calibration``,
+    ``equalize_inputs``, ``bias_correction``, ``range_search``, ``tgpl``, ``adaptive_rounding``,
+    ``guards``) and the reconstruction budget in ``recon`` (any ``ReconConfig`` field, e.g.
+    ``iterations``). The rest tunes a stage: ``equalize_patterns``/``equalize_alpha`` (which layers,
+    SmoothQuant's migration strength), ``range_rules`` and ``search_frames`` (the range search),
+    ``recon_frames`` (reconstruction's memory bound), ``tgpl_config``/``tgpl_weight`` (the task loss),
+    ``overrides`` (quant-config patterns, e.g. keep a layer float). What each stage does and what it
+    was measured to be worth: docs/method.md.
+    """
     w_bits: int = 8
     a_bits: int = 8
+    calib_frames: int = 256  # a small fraction of the training set, as in the paper
     sparse_calibration: bool = True
-    # Not in the paper: SmoothQuant-style equalization of the pillar encoder's input channels, whose
-    # coordinates (+-38 m) and sub-pillar offsets (+-0.16 m) share one per-tensor scale otherwise
-    # (+3.8 mAP for max-min W8A8 on the synthetic pillar model). No-op for voxel models.
-    equalize_inputs: bool = True
+    equalize_inputs: bool = True  # not in the paper; a no-op without a "*voxel_encoder*" layer
     equalize_patterns: tuple[str, ...] = ("*voxel_encoder*",)
     equalize_alpha: float = 0.75
-    bias_correction: bool = True
+    bias_correction: bool = True  # not in the paper
     range_search: bool = True
-    tgpl: bool = True
-    # AdaRound at every bit-width, as in the paper. At W4 it is what recovers accuracy on the synthetic
-    # pillar model (67.60 -> 73.34 at 200 iterations). At W8 (40 iterations) the pillar mAP without it
-    # was 0.18 higher over 3 calibration draws, inside the draws' own spread (std 0.2-0.4), and it lowers
-    # TGPL on held-out frames too (ablation:judge-heldout), so the paper's default stands.
-    adaptive_rounding: bool = True
-    # The range search (the paper's grid search of the clipping range), task-guided: of these clipping
-    # rules, all calibrated in one pass, the one with the lowest TGPL error on the calibration frames
-    # wins. "maxmin" (no clipping), "lp<p>" (Lp-error search), "pct<q>" (q-th percentile of |x|);
-    # "<rule>@all" counts every site instead of the active ones (docs/method.md, Range search).
+    # clipping rules: "maxmin" (none), "lp<p>" (Lp-error search), "pct<q>" (q-th percentile of |x|);
+    # "<rule>@all" takes activation statistics over every site instead of the active ones
     range_rules: tuple[str, ...] = ("maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99",
                                    "maxmin@all", "lp2@all", "lp3@all", "pct99.99@all")
     search_frames: int | None = 16
-    recon_frames: int | None = None  # reconstruction fits on at most this many frames (bounds its memory)
+    tgpl: bool = True
+    adaptive_rounding: bool = True  # AdaRound at every bit-width, as in the paper
     guards: bool = True  # False: bias correction and reconstruction are kept whatever the task loss says
+    recon_frames: int | None = None
     tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
     tgpl_weight: float = 1.0
-    calib_frames: int = 256              # a small fraction of the training set, as in the paper
-    recon: Mapping[str, Any] = field(default_factory=dict)      # ReconConfig overrides (iterations, ...)
-    overrides: Mapping[str, Any] = field(default_factory=dict)  # quant-config overrides by module pattern
+    recon: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def quant_config(self, clipping: str = "maxmin") -> dict[str, Any]:
         """The quant config of stages 1-2: max-min ranges (over active sites when sparse), clipped by
