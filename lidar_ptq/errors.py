@@ -7,6 +7,7 @@ catch for it (``ValueError`` for bad values, ``RuntimeError`` for a state that f
 from __future__ import annotations
 
 import errno
+import re
 import sys
 from collections.abc import Callable
 
@@ -42,6 +43,11 @@ def user_error_message(err: BaseException) -> str | None:
         return str(err)
     if isinstance(err, PermissionError):
         return f"{err} (choose a directory you can write to, e.g. --work-dir)"
+    missing_kernel = re.search(r"(\w+): implementation for device (\w+) not found", str(err))
+    if isinstance(err, RuntimeError) and missing_kernel:
+        op, device = missing_kernel.groups()
+        return (f"the detector runs mmcv's {op.removesuffix('_impl')}, which has no {device} kernel in this mmcv "
+                "build: run on a CUDA machine (mmcv built with CUDA)")
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return f"no space left on the device ({err.filename or 'output'}): free space or choose another --work-dir"
     return None

@@ -108,3 +108,11 @@ def test_the_hook_named_by_its_path_builds_without_custom_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("LidarPTQHook")
+
+
+def test_an_op_without_a_kernel_for_this_device_is_a_user_error():
+    from lidar_ptq.errors import user_error_message
+    err = RuntimeError("roiaware_pool3d_forward_impl: implementation for device cpu not found.")
+    message = user_error_message(err)
+    assert message is not None and "roiaware_pool3d_forward" in message and "no cpu kernel" in message
+    assert user_error_message(RuntimeError("shape mismatch")) is None  # a bug stays a traceback
