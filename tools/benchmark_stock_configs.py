@@ -89,6 +89,8 @@ def summarize_run(name: str, work: Path, seconds: float, returncode: int, stderr
     if returncode != 0:
         tail = stderr.strip().splitlines()[-1:] if stderr.strip() else ["(no output)"]
         row.update(status="refused" if errors else "crashed", message=(errors or tail)[-1][:400])
+        if not errors:  # where it crashed, for the report
+            row["traceback_tail"] = [line for line in stderr.splitlines() if line.startswith("  File ")][-4:]
         return row
     metrics = json.loads((work / "out" / "metrics.json").read_text())
     params = json.loads((work / "out" / "quant_params.json").read_text())["quantizers"]
@@ -125,19 +127,22 @@ def run_one(name: str, out: Path) -> dict[str, Any]:
         return summarize_run(name, work, time.perf_counter() - start, run.returncode, run.stderr)
 
 
-def write_report(rows: list[dict[str, Any]], out: Path) -> None:
+def write_report(rows: list[dict[str, Any]], out: Path, note: str = "") -> None:
     out.write_text(json.dumps({"meta": {"command": "python tools/benchmark_stock_configs.py",
                                         "budget": " ".join(TINY_BUDGET), "weights": "seeded random (torch seed 0)",
-                                        "machine": f"{os.cpu_count()} CPU cores"}, "rows": rows}, indent=1))
+                                        "machine": f"{os.cpu_count()} CPU cores", "note": note},
+                               "rows": rows}, indent=1))
     lines = ["# Stock mmdet3d LiDAR configs through tools/quantize.py --export", "",
              "Seeded random weights; one real frame (calibration and test); default LiDAR-PTQ recipe with "
-             f"`{' '.join(TINY_BUDGET)}`. Command: `python tools/benchmark_stock_configs.py`.", "",
+             f"`{' '.join(TINY_BUDGET)}`. Command: `python tools/benchmark_stock_configs.py`. {note}".rstrip(), "",
              "| config | frame | result | quantized layers | kept float (type: count) | TGPL | range search | "
              "guards (BC / recon) | export files | boxes ONNX vs PyTorch | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| `{r['config']}` | {r['frame']} | {r['status']}: {r.get('message', '')} "
+            where = r.get("traceback_tail", [])[-2:-1]  # the package's own frame above torch's
+            where = f" (at {where[0].strip()})" if where else ""
+            lines.append(f"| `{r['config']}` | {r['frame']} | {r['status']}: {r.get('message', '')}{where} "
                          f"| - | - | - | - | - | - | - | {r.get('seconds', '-')} |")
             continue
         floats = ", ".join(f"{k}: {v}" for k, v in r["float_layers"].items()) or "none"
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="these rows only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "stock_configs.json")
+    parser.add_argument("--note", help="a sentence for the report (e.g. the machine load); kept in the JSON")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     parser.add_argument("--prepare", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.prepare:
@@ -161,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if not all(folder.is_dir() for folder, _ in FRAMES.values()):
         print(f"error: the real frames are not in {DATA} (see its README)", file=sys.stderr)
         return 2
-    rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {"meta": {}, "rows": []}
+    rows, note = previous["rows"], args.note if args.note is not None else previous["meta"].get("note", "")
+    if args.report_only:
+        write_report(rows, args.out, note)
+        return 0
     done = {r["name"] for r in rows}
     for name in args.only or list(CONFIGS):
         if name in done and not args.only:
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         row = run_one(name, args.out)
         print(f"{name}: {row['status']} {row.get('message', '')} ({row.get('seconds', '-')} s)", flush=True)
         rows = [r for r in rows if r["name"] != name] + [row]
-        write_report(rows, args.out)
+        write_report(rows, args.out, note)
     return 0
 
 
