@@ -32,7 +32,7 @@ def test_paper_recipe_rows_follow_the_recipe_file_and_same_recipes_are_found():
     assert bench.same_recipe(spec("lidar_ptq"), {**spec("lidar_ptq"), "guards": True, "adaptive_rounding": True})
     for w in (8, 4):
         assert not bench.same_recipe(spec("lidar_ptq", w), spec("lidar_ptq_paper", w))
-        assert not bench.same_recipe(spec("lidar_ptq", w), spec("lidar_ptq-guards", w))
+        assert not bench.same_recipe(spec("lidar_ptq", w), spec("lidar_ptq+bias_correction-guards", w))
     assert not bench.same_recipe(spec("brecq"), spec("qdrop"))
     assert not bench.same_recipe({}, spec("qdrop"))
 
@@ -124,7 +124,8 @@ def test_report_gives_intervals_against_fp32_and_for_each_stage(tmp_path):
     model = "centerpoint_pillar_synthetic"
     fp32 = {"model": model, "method": "fp32", "w_bits": 32, "a_bits": 32, "value": 0.8, "fp32": 0.8, "seconds": 1.0}
     rows = [fp32]
-    quality = {"lidar_ptq": 0.2, "lidar_ptq-guards": 0.2, "maxmin": 0.45}  # share of objects missed
+    with_bc = "lidar_ptq+bias_correction"
+    quality = {with_bc: 0.2, f"{with_bc}-guards": 0.2, "maxmin": 0.45}  # share of objects missed
     for method, misses in quality.items():
         for seed in (0, 1):
             row = {"model": model, "method": method, "w_bits": 8, "a_bits": 8, "seed": seed, "value": 0.7,
@@ -138,10 +139,10 @@ def test_report_gives_intervals_against_fp32_and_for_each_stage(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["intervals"][f"{model}|maxmin|W8A8"]["resolved"]
     assert saved["intervals"][f"{model}|maxmin|W8A8"]["high"] < 0
-    guards = saved["comparisons"][f"{model}|lidar_ptq|lidar_ptq-guards|W8A8"]
+    guards = saved["comparisons"][f"{model}|lidar_ptq+bias_correction|lidar_ptq+bias_correction-guards|W8A8"]
     assert guards["stage"] == "guards" and guards["delta"] == 0.0 and not guards["resolved"]
     text = out.with_suffix(".md").read_text()
-    assert "| guards | lidar_ptq | lidar_ptq-guards | W8A8 | +0.00 [" in text and "(unresolved)" in text
+    assert f"| guards | {with_bc} | {with_bc}-guards | W8A8 | +0.00 [" in text and "(unresolved)" in text
     # without the per-frame matches (a clean clone) the report keeps the intervals the JSON holds
     import shutil
     shutil.rmtree(bench.frames_dir(out))

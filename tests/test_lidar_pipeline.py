@@ -37,7 +37,7 @@ def test_stage_switches():
     assert cfg.recon_config() is None
     assert cfg.recipe().range_candidates == {} and cfg.recipe().select_loss is None
     # bias correction alone still needs the task loss: it is undone when it raises it
-    cfg = LidarPTQConfig(range_search=False, tgpl=False, adaptive_rounding=False)
+    cfg = LidarPTQConfig(range_search=False, tgpl=False, adaptive_rounding=False, bias_correction=True)
     assert cfg.recipe().bias_correction and isinstance(cfg.recipe().select_loss, TaskGuidedPositiveLoss)
     cfg = LidarPTQConfig(tgpl=True, adaptive_rounding=False)
     assert cfg.quant_config()["input"]["observer"] == "minmax"
@@ -90,7 +90,7 @@ def test_range_search_judges_each_candidate_after_bias_correction_too():
     data = [sparse_bev(s) for s in range(3)]
     stages = dict(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=6)
     plain = run_ptq(copy.deepcopy(model), data, LidarPTQConfig(**stages, bias_correction=False)).selection
-    corrected = run_ptq(copy.deepcopy(model), data, LidarPTQConfig(**stages)).selection
+    corrected = run_ptq(copy.deepcopy(model), data, LidarPTQConfig(**stages, bias_correction=True)).selection
     assert list(plain) == list(corrected)
     assert all(corrected[k] <= plain[k] for k in plain), (plain, corrected)
     assert sum(corrected[k] < 0.99 * plain[k] for k in plain) >= 2, (plain, corrected)
@@ -187,9 +187,8 @@ def test_reconstruction_sees_the_untouched_float_model():
     model = copy.deepcopy(float_model)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "reconstruct", reconstruct)
-        report = run_ptq(model, data, LidarPTQConfig(w_bits=4, a_bits=4, range_search=False,
-                                                           recon={"iterations": 5, "progress": False},
-                                                           calib_frames=8))
+        report = run_ptq(model, data, LidarPTQConfig(w_bits=4, a_bits=4, range_search=False, bias_correction=True,
+                                                     recon={"iterations": 5, "progress": False}, calib_frames=8))
     assert report.bias_correction_loss  # bias correction ran (after reconstruction)
     with torch.no_grad():
         reference = float_model(data[0])

@@ -121,7 +121,7 @@ def test_one_pass_range_search_scores_every_candidate_as_a_calibrated_copy_would
     model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=6,
-                         equalize_patterns=("backbone.0",), search_frames=4)
+                         equalize_patterns=("backbone.0",), search_frames=4, bias_correction=True)
     recipe = cfg.recipe()
     expected = per_candidate_search(copy.deepcopy(model), data, recipe)
     log = StageLog()
@@ -187,7 +187,7 @@ def test_a_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch, stage):
     float_model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, calib_frames=6, range_rules=("maxmin", "lp2", "pct99.9"),
-                         search_frames=4, recon={"iterations": 20, "progress": False})
+                         search_frames=4, bias_correction=True, recon={"iterations": 20, "progress": False})
     expected = copy.deepcopy(float_model)
     reference = run_ptq(expected, data, cfg.recipe(), freeze_weights=False)
 
