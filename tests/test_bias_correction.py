@@ -96,8 +96,8 @@ def test_bias_correction_rejects_no_data_and_skips_unmatched_layers():
 def test_recipes_switch_bias_correction():
     from lidar_ptq.lidar.recipes import recipe_from_dict
 
-    assert recipe_from_dict({"method": "lidar_ptq"}).bias_correction
-    assert not recipe_from_dict({"method": "lidar_ptq", "bias_correction": False}).bias_correction
+    assert not recipe_from_dict({"method": "lidar_ptq"}).bias_correction  # off by default (docs/method.md)
+    assert recipe_from_dict({"method": "lidar_ptq", "bias_correction": True}).bias_correction
     assert recipe_from_dict({"method": "percentile", "bias_correction": True}).bias_correction
     assert not recipe_from_dict({"method": "maxmin"}).bias_correction
 
@@ -111,7 +111,7 @@ def test_every_shipped_recipe_file_loads(path):
     spec = json.loads(path.read_text())
     assert (recipe.quant["weight"]["bits"], recipe.quant["input"]["bits"]) == (spec.get("w_bits", 8),
                                                                               spec.get("a_bits", 8))
-    assert recipe.bias_correction == spec.get("bias_correction", spec.get("method") == "lidar_ptq")
+    assert recipe.bias_correction == spec.get("bias_correction", False)
     equalized = spec["method"] == "lidar_ptq" and spec.get("equalize_inputs", True)
     assert recipe.equalize == tuple(spec.get("equalize", ["*voxel_encoder*"] if equalized else []))
     assert recipe.guards == spec.get("guards", True)
