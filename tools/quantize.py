@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from mmengine.config import Config, DictAction
@@ -123,9 +124,12 @@ def build_cfg(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def metrics_table(metrics: dict) -> str:
+def metrics_table(metrics: dict, per_threshold: bool = False) -> str:
+    """FP32 against the quantized model; per-class AP and mAP (each matching threshold too with
+    ``per_threshold``; metrics.json always has them)."""
     kinds = ("fp32", metrics.get("precision", "quantized"))
-    keys = sorted(set(metrics.get(kinds[0], {})) | set(metrics.get(kinds[1], {})))
+    keys = sorted(k for k in set(metrics.get(kinds[0], {})) | set(metrics.get(kinds[1], {}))
+                  if per_threshold or "@" not in k)
     rows = [f"| metric | {kinds[0]} | {kinds[1]} |", "|---|---|---|"]
     for key in keys:
         values = [metrics.get(kind, {}).get(key) for kind in kinds]
@@ -162,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     runner = Runner.from_cfg(cfg)
     runner.test()
     metrics = runner.test_loop.metrics
-    print(metrics_table(metrics))
+    print(metrics_table(metrics, per_threshold=getattr(args, "verbose", False)))
     print(stage_line(metrics.get("stages", [])))
     if not any(metrics.get(kind) for kind in ("fp32", metrics.get("precision"))):
         print("note: the evaluator returned no metric (with format_only=True it only writes result files); "
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     """Expected user errors end with one line and exit code 2; ``--debug`` shows their traceback."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:  # mmdet3d's own deprecation notes; --verbose shows them
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mmdet3d\.|mmcv\.|mmengine\.|torch\.")
     return run_reporting_user_errors(lambda: run(args), args.debug)
 
 
