@@ -14,11 +14,11 @@ import_or_skip("mmdet3d")
 import_or_skip("onnxruntime")
 
 
-def test_stock_kitti_pointpillars_row_is_quantized_guarded_and_verified(tmp_path):
+def test_stock_kitti_pointpillars_row_is_quantized_guarded_and_verified():
     spec = importlib.util.spec_from_file_location("stock_matrix", ROOT / "tools" / "benchmark_stock_configs.py")
     matrix = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(matrix)
-    row = matrix.run_one("pointpillars-kitti", tmp_path / "stock.json")
+    row = matrix.run_one("pointpillars-kitti")
     assert row["status"] == "ok", row
     assert row["quantized_layers"] >= 20 and row["float_layers"] == {}
     assert row["range_search"] == ["lp4", "maxmin"] and row["reconstruction_guarded"]

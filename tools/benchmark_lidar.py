@@ -67,7 +67,7 @@ VARIANTS = {  # LiDAR-PTQ recipes as overrides of the package default
     "paper:+tgpl": {**PAPER, "adaptive_rounding": False},
     "lidar_ptq_paper": PAPER,
     "lidar_ptq": {},
-    # the package's own stages measured with bias correction on (the default's setting when measured)
+    # the package's own stages, each measured beside bias correction (on in all three rows)
     "lidar_ptq+bias_correction": {"bias_correction": True},
     "lidar_ptq+bias_correction-equalize": {"bias_correction": True, "equalize_inputs": False},
     "lidar_ptq+bias_correction-guards": {"bias_correction": True, "guards": False},

@@ -112,7 +112,7 @@ def summarize_run(name: str, work: Path, seconds: float, returncode: int, stderr
     return row
 
 
-def run_one(name: str, out: Path) -> dict[str, Any]:
+def run_one(name: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"stock_{name}_") as tmp:
         work = Path(tmp)
         prep = subprocess.run([sys.executable, __file__, "--prepare", name, str(work)], capture_output=True,
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in done and not args.only:
             continue
         print(f"{name} ...", flush=True)
-        row = run_one(name, args.out)
+        row = run_one(name)
         print(f"{name}: {row['status']} {row.get('message', '')} ({row.get('seconds', '-')} s)", flush=True)
         rows = [r for r in rows if r["name"] != name] + [row]
         write_report(rows, args.out, note)

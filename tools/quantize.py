@@ -110,7 +110,7 @@ def build_cfg(args: argparse.Namespace) -> Config:
         options.setdefault("recon.seed", args.seed)
     cfg.work_dir = args.work_dir or str(Path("work_dirs") / "ptq" / Path(args.config.split("::")[-1]).stem)
     cfg.launcher = args.launcher
-    cfg.log_level = "INFO" if getattr(args, "verbose", False) else "WARNING"  # mmengine's config/hook dump
+    cfg.log_level = "INFO" if args.verbose else "WARNING"  # mmengine's config/hook dump
     cfg.load_from = None  # the PTQ loop loads the checkpoint strictly itself
     cfg.test_cfg = dict(type="PTQLoop", recipe=recipe.source, checkpoint=args.checkpoint,
                         calib_frames=args.calib_frames, seed=args.seed,
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     runner = Runner.from_cfg(cfg)
     runner.test()
     metrics = runner.test_loop.metrics
-    print(metrics_table(metrics, per_threshold=getattr(args, "verbose", False)))
+    print(metrics_table(metrics, per_threshold=args.verbose))
     print(stage_line(metrics.get("stages", [])))
     if not any(metrics.get(kind) for kind in ("fp32", metrics.get("precision"))):
         print("note: the evaluator returned no metric (with format_only=True it only writes result files); "

@@ -42,14 +42,5 @@ class AnchorPositiveLoss(TaskGuidedPositiveLoss):
         return total / levels
 
     def level_loss(self, quant: list[torch.Tensor], ref: list[torch.Tensor]) -> torch.Tensor:
-        cls_q, cls_f = quant[0], ref[0].detach()
-        positives = self.positives(ref[0])
-        zero = cls_q.sum() * 0.0  # keeps the graph when a frame has no positive
-        if not positives.any():
-            return zero
-        loss = self.cfg.heatmap_weight * (cls_q - cls_f)[positives].pow(2).mean()
-        locations = positives.any(dim=1)  # [B, H, W]
-        for q, f in zip(quant[1:], ref[1:]):
-            diff = (q - f.detach()).permute(0, 2, 3, 1)[locations]
-            loss = loss + self.cfg.regression_weight * diff.pow(2).mean()
-        return loss + zero
+        """Class logits are the scores; box and direction maps the regressions."""
+        return self.positive_loss(quant[0], ref[0], list(zip(quant[1:], ref[1:])))

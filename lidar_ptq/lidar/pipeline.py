@@ -229,7 +229,7 @@ def run_ptq(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe | Lid
     result. ``stages`` collects each stage's time, forwards and memory (also in the report)."""
     if not isinstance(recipe, PTQRecipe):
         from .recipes import load_recipe  # recipes builds on this module
-        recipe = recipe.recipe() if isinstance(recipe, LidarPTQConfig) else load_recipe(recipe)
+        recipe = load_recipe(recipe)
     log = stages or StageLog()
     log.watch(model)
     try:
@@ -335,15 +335,14 @@ class TaskJudge:
     def __init__(self, model: nn.Module, data: list[Any], loss: Any, stages: StageLog | None = None) -> None:
         self.model, self.data, self.loss, self.stages = model, data, loss, stages
         with torch.no_grad(), temporary_quant_mode(model, QuantMode.FLOAT):
-            self._outputs = [call_model(model, b) for b in tqdm(data, desc="float outputs", unit="batch",
-                                                                  leave=False)]
+            self.float_outputs = [call_model(model, b) for b in tqdm(data, desc="float outputs", unit="batch",
+                                                                       leave=False)]
         self._index = {id(b): i for i, b in enumerate(data)}
-        self.float_outputs = self._outputs
         self._current: float | None = None  # the loss of the model as it stands, when known
 
     def outputs_for(self, batches: list[Any]) -> list[Any]:
         """The float outputs of these calibration batches (computed once)."""
-        return [self._outputs[self._index[id(b)]] for b in batches]
+        return [self.float_outputs[self._index[id(b)]] for b in batches]
 
     def current(self) -> float:
         if self._current is None:

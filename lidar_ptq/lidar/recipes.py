@@ -96,12 +96,14 @@ def recipe_from_dict(spec: Mapping[str, Any]) -> PTQRecipe:
     return recipe
 
 
-def load_recipe(recipe: str | Path | Mapping[str, Any] | PTQRecipe | None) -> PTQRecipe:
-    """A recipe from a JSON file, a method name (defaults), a dict, or None (LiDAR-PTQ W8A8)."""
+def load_recipe(recipe: str | Path | Mapping[str, Any] | LidarPTQConfig | PTQRecipe | None) -> PTQRecipe:
+    """A recipe from a JSON file, a method name (defaults), a dict, a LidarPTQConfig, or None (LiDAR-PTQ W8A8)."""
     if recipe is None:
         return recipe_from_dict({"method": "lidar_ptq"})
     if isinstance(recipe, PTQRecipe):
         return recipe
+    if isinstance(recipe, LidarPTQConfig):
+        return recipe.recipe()
     if isinstance(recipe, Mapping):
         return recipe_from_dict(recipe)
     text = str(recipe)

@@ -93,16 +93,21 @@ class TaskGuidedPositiveLoss:
         return total / max(len(quant_tasks), 1)
 
     def task_loss(self, quant: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> torch.Tensor:
-        cfg = self.cfg
-        positives = self.positives(ref[cfg.heatmap_key])
-        heat_q = quant[cfg.heatmap_key]
-        zero = heat_q.sum() * 0.0  # keeps the graph when a task has no positive
+        key = self.cfg.heatmap_key
+        regressions = [(quant[k], ref[k]) for k in self.cfg.regression_keys if k in quant and k in ref]
+        return self.positive_loss(quant[key], ref[key], regressions)
+
+    def positive_loss(self, scores_q: torch.Tensor, scores_ref: torch.Tensor,
+                      regressions: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """At the float model's positives (peaks of ``scores_ref``, [B, C, H, W] logits): the squared
+        logit error per class, plus every regression map's squared error at the positives' locations."""
+        positives = self.positives(scores_ref)
+        zero = scores_q.sum() * 0.0  # keeps the graph when there is no positive
         if not positives.any():
             return zero
-        loss = cfg.heatmap_weight * (heat_q - ref[cfg.heatmap_key].detach())[positives].pow(2).mean()
+        loss = self.cfg.heatmap_weight * (scores_q - scores_ref.detach())[positives].pow(2).mean()
         locations = positives.any(dim=1)  # [B, H, W]
-        for key in cfg.regression_keys:
-            if key in quant and key in ref:
-                diff = (quant[key] - ref[key].detach()).permute(0, 2, 3, 1)[locations]
-                loss = loss + cfg.regression_weight * diff.pow(2).mean()
+        for q, f in regressions:
+            diff = (q - f.detach()).permute(0, 2, 3, 1)[locations]
+            loss = loss + self.cfg.regression_weight * diff.pow(2).mean()
         return loss + zero

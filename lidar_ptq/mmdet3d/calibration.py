@@ -85,6 +85,13 @@ def require_points(points: torch.Tensor, frame: str) -> None:
     check_points(points, frame)
 
 
+def require_batch_points(data_batch: Any) -> None:
+    """``require_points`` on every frame of an mmdet3d test batch (a batch without points: nothing to check)."""
+    if isinstance(data_batch, dict) and "points" in data_batch.get("inputs", {}):
+        for points, sample in zip(data_batch["inputs"]["points"], data_batch["data_samples"]):
+            require_points(points, frame_name(sample))
+
+
 def frame_name(sample: Any) -> str:
     meta = getattr(sample, "metainfo", {}) or {}
     return str(meta.get("lidar_path", meta.get("sample_idx", "?")))

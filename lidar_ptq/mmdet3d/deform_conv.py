@@ -48,6 +48,8 @@ class _QuantDeformConvForward(QuantModuleMixin):
     """The input quantizer sits on the sampled columns, right before the 1x1 conv: that is the tensor an
     INT8 engine convolves (bilinear samples of quantized values are not on the quantization grid)."""
 
+    weight_in_axis = None  # the sampling sits between input and kernel: no input equalization
+
     def deform_forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         columns = sample_kernel_positions(self.prescale_input(x), offset, self.kernel_size, self.stride,
                                           self.padding, self.dilation, self.deform_groups)
@@ -58,15 +60,11 @@ class _QuantDeformConvForward(QuantModuleMixin):
 
 @register_quant_module(DeformConv2d)
 class QuantDeformConv2d(_QuantDeformConvForward, DeformConv2d):
-    weight_in_axis = None  # the sampling sits between input and kernel: no input equalization
-
     def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         return self.deform_forward(x, offset)
 
 
 @register_quant_module(DeformConv2dPack)
 class QuantDeformConv2dPack(_QuantDeformConvForward, DeformConv2dPack):
-    weight_in_axis = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.deform_forward(x, self.conv_offset(x))

@@ -25,7 +25,7 @@ from mmengine.hooks import Hook
 from ..lidar.recipes import resolve_recipe
 from ..lidar.stage_log import StageLog
 from .adapter import unwrap_model
-from .calibration import build_calibration_loader, collect_batches, frame_name, require_points
+from .calibration import build_calibration_loader, collect_batches, require_batch_points
 from .ptq import DetectorPTQResult, is_quantized, load_quantized, quantize_detector, save_quantized
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,8 @@ class LidarPTQHook(Hook):
     def before_val(self, runner: Any) -> None:
         self._quantize(runner)
 
-    def _check_batch(self, data_batch: Any) -> None:
-        if isinstance(data_batch, dict) and "inputs" in data_batch and "points" in data_batch["inputs"]:
-            for points, sample in zip(data_batch["inputs"]["points"], data_batch["data_samples"]):
-                require_points(points, frame_name(sample))
-
     def before_test_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
-        self._check_batch(data_batch)
+        require_batch_points(data_batch)
 
     def before_val_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
-        self._check_batch(data_batch)
+        require_batch_points(data_batch)

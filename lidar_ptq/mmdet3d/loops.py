@@ -20,7 +20,7 @@ from mmengine.runner.amp import autocast
 
 from ..lidar.pipeline import PTQRecipe
 from ..lidar.stage_log import StageLog
-from .calibration import frame_name, require_points
+from .calibration import require_batch_points
 from .hooks import quantize_runner_model
 from .ptq import load_float_checkpoint
 from .visualize import plot_bev
@@ -52,8 +52,7 @@ class PTQLoop(TestLoop):
     def run_iter(self, idx: int, data_batch: Any) -> None:
         """TestLoop.run_iter that checks the frame's points first (NaN/Inf or an empty frame is a clear error,
         not an exception inside mmdet3d's evaluation) and keeps the outputs (for the BEV plot)."""
-        for points, sample in zip(data_batch["inputs"].get("points", []), data_batch["data_samples"]):
-            require_points(points, frame_name(sample))
+        require_batch_points(data_batch)
         self.runner.call_hook("before_test_iter", batch_idx=idx, data_batch=data_batch)
         with autocast(enabled=self.fp16):
             outputs = self.runner.model.test_step(data_batch)
