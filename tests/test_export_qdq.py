@@ -74,6 +74,38 @@ def test_onnxruntime_target_makes_post_relu_activations_unsigned(tmp_path):
     assert np.abs(run_ort(tmp_path / "m.onnx", x) - ref).max() < np.abs(ref).max() / 127
 
 
+class SharedHead(torch.nn.Module):
+    """One head applied to two feature levels, as the FPN anchor heads of mmdet3d do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.down = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        fine = self.stem(x)
+        coarse = self.down(fine).relu()
+        return torch.cat([self.head(fine).flatten(1), self.head(coarse).flatten(1)], 1)
+
+
+def test_a_layer_applied_twice_exports_its_qdq_at_each_call(tmp_path):
+    model = SharedHead().eval()
+    lidar_ptq.quantize(model, "w8a8")
+    lidar_ptq.calibrate(model, image_batches(), progress=False)
+    x = image_batches(1, seed=5)[0][:1]
+    proto = export_onnx(model, (x,), tmp_path / "m.onnx", ["x"], ["y"], simplify=False)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    assert len(convs) == 4  # the head twice
+    assert all(producer[c.input[0]].op_type == "DequantizeLinear" for c in convs)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = run_ort(tmp_path / "m.onnx", x, optimized=False)
+    assert np.abs(got - ref).max() < np.abs(ref).max() / 127
+
+
 def test_export_refuses_uncalibrated_quantizers_and_writes_nothing(tmp_path):
     model = calibrated_cnn()
     model[3].input_quantizer.scale = torch.empty(0)  # as if no calibration frame reached this layer

@@ -69,11 +69,6 @@ class _QDQConstants:
             out.dequantized = quantizer(weight.detach()).detach().clone()
         return out
 
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        shape = broadcast_shape(self.scale.numel(), x.dim(), self.axis)
-        return fake_quantize(x, self.scale.to(x.device).reshape(shape),
-                             self.zero_point.to(x.device).float().reshape(shape), self.qmin, self.qmax)
-
     def emit(self, g, value):
         """ONNX nodes: DequantizeLinear(QuantizeLinear(value)), or DequantizeLinear(codes) for weights."""
         attrs = {} if self.axis is None else {"axis_i": self.axis}
@@ -90,16 +85,31 @@ _EXPORTING: dict[int, _QDQConstants] = {}
 
 
 class _QuantDequant(torch.autograd.Function):
-    """Fake quantization that exports as ONNX Q/DQ (activations) or DQ of integer codes (weights)."""
+    """Fake quantization that exports as ONNX Q/DQ (activations) or DQ of integer codes (weights).
+
+    The constant tensors come in as arguments rather than being read from the table inside
+    ``forward``: the tracer records every tensor a Function's forward touches, and a quantizer that
+    runs twice in one trace (a head shared across feature levels) would otherwise reach a tensor
+    recorded by its first call (``RuntimeError: unordered_map::at``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, key: int) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, x: torch.Tensor, key: int, scale: torch.Tensor, zero_point: torch.Tensor,  # noqa: D102
+                dequantized: torch.Tensor | None) -> torch.Tensor:
+        if dequantized is not None:
+            return dequantized.to(x.device, copy=True)
         constants = _EXPORTING[key]
-        return constants.dequantized.to(x.device) if constants.codes is not None else constants.fake_quantize(x)
+        shape = broadcast_shape(scale.numel(), x.dim(), constants.axis)
+        return fake_quantize(x, scale.to(x.device).reshape(shape), zero_point.to(x.device).float().reshape(shape),
+                             constants.qmin, constants.qmax)
 
     @staticmethod
-    def symbolic(g, x, key: int):  # noqa: D102
+    def symbolic(g, x, key: int, *constant_tensors):  # noqa: D102
         return _EXPORTING[key].emit(g, x)
+
+
+def _quant_dequant(x: torch.Tensor, key: int) -> torch.Tensor:
+    constants = _EXPORTING[key]
+    return _QuantDequant.apply(x, key, constants.scale, constants.zero_point, constants.dequantized)
 
 
 @contextlib.contextmanager
@@ -111,11 +121,11 @@ def qdq_export_mode(model: nn.Module) -> Iterator[nn.Module]:
             if isinstance(module, FakeQuantizer) and module.enabled:
                 key = id(module)
                 _EXPORTING[key] = _QDQConstants.of(module)
-                module.forward = lambda x, mask=None, _k=key: _QuantDequant.apply(x, _k)
+                module.forward = lambda x, mask=None, _k=key: _quant_dequant(x, _k)
                 patched.append(module)
             if isinstance(module, QuantModuleMixin) and module.weight_quantizer.enabled:
                 _EXPORTING[id(module)] = _QDQConstants.of(module.weight_quantizer, module.float_weight)
-                module.quantized_weight = lambda _m=module: _QuantDequant.apply(_m.float_weight, id(_m))
+                module.quantized_weight = lambda _m=module: _quant_dequant(_m.float_weight, id(_m))
                 patched.append(module)
         yield model
     finally:
