@@ -169,6 +169,48 @@ def test_voxel_export_sparse_backbone_with_fp16_first_layer(data, tmp_path):
     check_dense_verification(verification)
 
 
+def test_fp16_budget_plans_layers_that_the_files_keep_out_of_int8(data):
+    import spconv.pytorch as spconv
+    from mmdet3d.registry import MODELS
+
+    from lidar_ptq.mmdet3d.adapter import DetectorAdapter
+    from lidar_ptq.mmdet3d.ptq import load_quantized
+    from lidar_ptq.quant.quantizer import FakeQuantizer
+
+    root, configs = data
+    work = root / "voxel_plan"
+    assert load_tool("quantize").main([str(configs["voxel"]), str(MODELS_DIR / "centerpoint_voxel_synthetic.pth"),
+                                       "--work-dir", str(work), "--recipe", "maxmin", "--calib-frames", "4",
+                                       "--skip-float-eval", "--export", "--fp16-budget", "0.3"]) == 0
+    plan = json.loads((work / "metrics.json").read_text())["precision_plan"]
+    assert plan["frames"] == {"sensitivity": 2, "held_out": 2}
+    assert 0 < len(plan["fp16_layers"]) < len(plan["layers"]) and plan["loss"] <= 0.3 * plan["loss_int8"]
+    assert json.loads((work / "quant_params.json").read_text())["precision_plan"]["layers"] == plan["layers"]
+    detector = MODELS.build(Config.fromfile(str(configs["voxel"])).model)
+    load_quantized(detector, work / "quantized.pth")  # the checkpoint rebuilds the plan
+    modules = dict(DetectorAdapter(detector).named_modules())
+    for name, precision in plan["layers"].items():
+        own = [q for q in modules[name].children() if isinstance(q, FakeQuantizer)]
+        assert own and all(q.enabled == (precision == "int8") for q in own), name
+    manifest = json.loads((work / "export" / "manifest.json").read_text())
+    sparse_fp16 = {n for n in plan["fp16_layers"] if isinstance(modules[n], spconv.conv.SparseConvolution)}
+    assert sparse_fp16 and set(manifest["files"]["sparse_backbone.onnx"]["fp16_layers"]) == sparse_fp16
+    proto = onnx.load(str(work / "export" / "sparse_backbone.onnx"))
+    precision = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["precision"]
+                 for n in proto.graph.node if n.op_type == "SparseConvolution"}
+    assert sorted(precision.values()).count(b"fp16") == len(sparse_fp16)
+    dense_fp16 = manifest["files"]["dense.onnx"]["fp16_layers"]
+    dense = onnx.load(str(work / "export" / "dense.onnx"))
+    producer = {o: n for n in dense.graph.node for o in n.output}
+    convs = [n for n in dense.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    int8 = [c for c in convs if c.input[1] in producer and producer[c.input[1]].op_type == "DequantizeLinear"]
+    assert dense_fp16 and len(int8) == len(convs) - len(dense_fp16)  # no Q/DQ around the FP16 layers
+    dense_check = manifest["verification"]["dense"]
+    assert 0 < dense_check["layerwise"]["quantizers"] and dense_check["layerwise"]["max_code_diff"] <= 1
+    detections = dense_check["reference_kernels"]["detections"]
+    assert detections["boxes_pytorch"] > 0 and detections["matched_within_10cm"] >= 0.95 * detections["boxes_pytorch"]
+
+
 def test_export_refuses_float_and_partly_calibrated_models(data, tmp_path):
     from mmdet3d.registry import MODELS
     _, configs = data

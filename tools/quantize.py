@@ -3,7 +3,7 @@
     python tools/quantize.py CONFIG CHECKPOINT [--recipe Q] [--work-dir W] [--calib-frames N]
                              [--recipe-options k=v ...] [--cfg-options k=v ...]
                              [--launcher none|pytorch|slurm] [--skip-float-eval] [--seed S]
-                             [--export [DIR]] [--sparse-fp16 PATTERN ...]
+                             [--export [DIR]] [--sparse-fp16 PATTERN ...] [--fp16-budget F]
 
 CONFIG: a project config (configs/...), a stock mmdet3d config path, or
 ``mmdet3d::centerpoint/<name>.py``. Q: a recipe JSON (configs/quant/ptq/*.json)
@@ -11,6 +11,9 @@ or a method name (lidar_ptq, maxmin, entropy, percentile, brecq, qdrop); default
 configs/quant/ptq/lidar_ptq_w8a8.json. Writes W/metrics.json (fp32 and int8 side by side),
 W/quantized.pth (reloads without calibration: LidarPTQHook(quantized_checkpoint=...)),
 W/quant_params.json (every quantizer's bits, scale/amax, granularity).
+--fp16-budget F plans the layers that deploy in FP16: the fewest that bring the task loss on held-out
+calibration frames to F x the all-INT8 model's (docs/precision_plan.md); the plan is in metrics.json and
+quant_params.json, and the export keeps those layers out of INT8.
 --export also writes the deployment files (tools/export.py; default DIR: W/export).
 Multi-GPU: ``torchrun --nproc_per_node=8 tools/quantize.py CONFIG CKPT --launcher pytorch``.
 """
@@ -69,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also export for deployment (ONNX Q/DQ, libspconv, TensorRT caches); default W/export")
     parser.add_argument("--sparse-fp16", nargs="*", default=[], metavar="PATTERN",
                         help="with --export: sparse layers kept in FP16 on libspconv, e.g. '*conv_input*'")
+    parser.add_argument("--fp16-budget", type=float, metavar="F",
+                        help="keep the fewest layers in FP16 that bring the held-out task loss to F x the all-INT8 "
+                             "loss (e.g. 0.3); default: every layer INT8")
     parser.add_argument("--verbose", action="store_true",
                         help="log everything (mmengine's config and hooks, every quantizer); default: progress bars, "
                              "warnings and a short summary")
@@ -105,6 +111,8 @@ def build_cfg(args: argparse.Namespace) -> Config:
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     options = dict(args.recipe_options)
+    if args.fp16_budget is not None:
+        options["fp16_budget"] = args.fp16_budget
     recipe = resolve_recipe(args.recipe, args.calib_frames, options)  # fail fast on a bad recipe
     if recipe.recon is not None:
         options.setdefault("recon.seed", args.seed)
@@ -168,6 +176,12 @@ def run(args: argparse.Namespace) -> int:
     metrics = runner.test_loop.metrics
     print(metrics_table(metrics, per_threshold=args.verbose))
     print(stage_line(metrics.get("stages", [])))
+    plan = metrics.get("precision_plan")
+    if plan:
+        print(f"precision plan (budget {plan['budget']:g} x the all-INT8 task loss): {len(plan['fp16_layers'])} of "
+              f"{len(plan['layers'])} layers in FP16, held-out task loss {plan['loss_int8']:.4g} -> {plan['loss']:.4g}"
+              + (f": {', '.join(plan['fp16_layers'][:6])}" if plan["fp16_layers"] else "")
+              + (f" (+{len(plan['fp16_layers']) - 6} more in metrics.json)" if len(plan["fp16_layers"]) > 6 else ""))
     if not any(metrics.get(kind) for kind in ("fp32", metrics.get("precision"))):
         print("note: the evaluator returned no metric (with format_only=True it only writes result files); "
               "evaluate with format_only=False and ground truth to compare FP32 and the quantized model")

@@ -53,7 +53,8 @@ def layerwise_agreement(model: nn.Module, args: Sequence[Any], path: str | os.Pa
     """Teacher-forced comparison of every activation quantizer (see the module docstring).
 
     Returns the number of quantizers compared, the largest code difference, the share of
-    differing codes (overall and worst quantizer) and the quantizers the file lacks.
+    differing codes (overall and worst quantizer) and the quantizers the file lacks; a model without
+    an INT8 activation (every layer in FP16 by a precision plan) has nothing to compare layer by layer.
     """
     feeds = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args)}
     codes = quantizer_codes(path, feeds)
@@ -81,6 +82,9 @@ def layerwise_agreement(model: nn.Module, args: Sequence[Any], path: str | os.Pa
     for module in model.modules():
         if isinstance(module, FakeQuantizer) and module.enabled and module.channel_axis is None:
             handles.append(module.register_forward_hook(hook))
+    if not handles:
+        return {"quantizers": 0, "max_code_diff": 0.0, "differing_code_share": 0.0, "missing_in_file": [],
+                "note": "no INT8 activation in this part (every layer FP16): compared end to end only"}
     try:
         model.eval()
         model(*args)

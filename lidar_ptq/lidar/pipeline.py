@@ -9,6 +9,8 @@
    positive loss on the detector output (added to the local unit loss);
 4. ``adaptive_rounding``: AdaRound reconstruction of the weights.
 
+Optionally, ``fp16_budget`` then plans which layers deploy in FP16 (``precision_plan``).
+
 Stages 3 and 4 are one call of the generic reconstruction core: TGPL without
 adaptive rounding learns the activation step sizes with nearest rounding. Not in the
 paper: input equalization before calibration and bias correction before
@@ -20,6 +22,7 @@ activations), as TensorRT's explicit INT8 requires.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
@@ -40,6 +43,7 @@ from ..recon.cache import is_sparse_tensor
 from ..recon.engine import ReconConfig, ReconReport, freeze, reconstruct
 from .checkpoints import StageCheckpoints
 from .occupancy import OccupancyMask
+from .precision_plan import PrecisionBudgetError, PrecisionPlan, apply_precision_plan, plan_precision
 from .range_search import candidate_specs, collect_candidate_ranges, judge_candidates, task_loss
 from .stage_log import StageLog
 from .tgpl import TaskGuidedPositiveLoss, TGPLConfig
@@ -67,6 +71,7 @@ class PTQRecipe:
     search_frames: int | None = 16  # the range search judges on this many frames (bounds its cost)
     recon_frames: int | None = None  # reconstruction fits on this many frames (bounds its memory)
     guards: bool = True
+    fp16_budget: float | None = None  # plan FP16 layers to this fraction of the all-INT8 task loss
 
 
 @dataclass
@@ -79,8 +84,10 @@ class LidarPTQConfig:
     ``iterations``). The rest tunes a stage: ``equalize_patterns``/``equalize_alpha`` (which layers,
     SmoothQuant's migration strength), ``range_rules`` and ``search_frames`` (the range search),
     ``recon_frames`` (reconstruction's memory bound), ``tgpl_config``/``tgpl_weight`` (the task loss),
-    ``overrides`` (quant-config patterns, e.g. keep a layer float). What each stage does and what it
-    was measured to be worth: docs/method.md.
+    ``overrides`` (quant-config patterns, e.g. keep a layer float). ``fp16_budget`` (None: every layer
+    INT8) plans the layers that deploy in FP16: the fewest that bring the held-out task loss to this
+    fraction of the all-INT8 loss (docs/precision_plan.md). What each stage does and what it was
+    measured to be worth: docs/method.md.
     """
     w_bits: int = 8
     a_bits: int = 8
@@ -104,6 +111,7 @@ class LidarPTQConfig:
     tgpl_weight: float = 1.0
     recon: Mapping[str, Any] = field(default_factory=dict)
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    fp16_budget: float | None = None
 
     def quant_config(self, clipping: str = "maxmin") -> dict[str, Any]:
         """The quant config of stages 1-2: max-min ranges (over active sites when sparse), clipped by
@@ -150,11 +158,12 @@ class LidarPTQConfig:
                          self.recon_config(), self.sparse_calibration, self.calib_frames,
                          range_candidates=candidates,
                          select_loss=(TaskGuidedPositiveLoss(self.tgpl_config)
-                                      if candidates or self.bias_correction or self.recon_config() else None),
+                                      if candidates or self.bias_correction or self.recon_config()
+                                      or self.fp16_budget is not None else None),
                          equalize=tuple(self.equalize_patterns) if self.equalize_inputs else (),
                          equalize_alpha=self.equalize_alpha, bias_correction=self.bias_correction,
                          search_frames=self.search_frames, recon_frames=self.recon_frames,
-                         guards=self.guards)
+                         guards=self.guards, fp16_budget=self.fp16_budget)
 
 
 @dataclass
@@ -168,6 +177,7 @@ class LidarPTQReport:
     bias_correction_loss: dict[str, float] = field(default_factory=dict)  # select_loss "before"/"after" it
     recon_loss: dict[str, float] = field(default_factory=dict)  # select_loss "before"/"after" reconstruction
     recon_kept: bool = True  # False: reconstruction raised select_loss and was undone
+    precision_plan: PrecisionPlan | None = None  # FP16 layers under recipe.fp16_budget
     stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: seconds, forwards, peak_rss_mb
 
 
@@ -310,12 +320,45 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
                 "reconstruction", guard_judge,
                 lambda: reconstruct(model, recon_data, recon_cfg, float_outputs=float_outputs),
                 lambda: _restore(model, before))
+    plan = None
+    if recipe.fp16_budget is not None:
+        plan = _plan_precision(model, data, recipe, judge, saved, log)
+        recipe = dataclasses.replace(recipe, quant={**recipe.quant, "overrides": {
+            **dict(recipe.quant.get("overrides") or {}), **plan.quant_overrides()}})
     with log.stage("freezing"):
         fold_bias_shifts(model)
         if freeze_weights and report is not None:
             freeze(model)
     return LidarPTQReport(recipe, missing, report, sum(frames_in(b) for b in data), selection, corrections,
-                          bc_loss, recon_loss, recon_kept, stages=log.rows())
+                          bc_loss, recon_loss, recon_kept, plan, stages=log.rows())
+
+
+def _plan_precision(model: nn.Module, data: list[Any], recipe: PTQRecipe, judge: TaskJudge | None,
+                    saved: StageCheckpoints, log: StageLog) -> PrecisionPlan:
+    """The FP16 plan, measured on the first ``search_frames`` calibration frames and checked on the
+    next as many (held out; the two halves of the frames when there are fewer), then applied."""
+    if judge is None:
+        raise PrecisionBudgetError("fp16_budget needs a task loss to judge layers by; this recipe has none "
+                                   "(use lidar_ptq or give the recipe a select loss)")
+    state = saved.load("precision_plan")
+    if state is not None and state["plan"]["budget"] == recipe.fp16_budget:  # another budget: plan again
+        plan = PrecisionPlan(**state["plan"])
+    else:
+        measure = first_frames(data, recipe.search_frames)
+        held_out = first_frames(data[len(measure):], recipe.search_frames)
+        if not held_out:
+            measure, held_out = (data[:len(data) // 2], data[len(data) // 2:]) if len(data) > 1 else (data, data)
+            if measure is held_out:
+                logger.warning("precision plan: one calibration batch, so the plan is checked on the frames "
+                               "it was measured on; calibrate on more frames for a held-out check")
+        with log.stage("precision plan"):
+            plan = plan_precision(model, measure, judge.outputs_for(measure), held_out, judge.outputs_for(held_out),
+                                  recipe.select_loss, recipe.fp16_budget)
+        plan.frames = {"sensitivity": sum(frames_in(b) for b in measure),
+                       "held_out": sum(frames_in(b) for b in held_out)}
+        saved.save("precision_plan", {"plan": {k: v for k, v in plan.to_dict().items() if k != "fp16_layers"}})
+    apply_precision_plan(model, plan)
+    return plan
 
 
 def _calibrate(model: nn.Module, data: list[Any], occupancy_source: str | None) -> list[str]:

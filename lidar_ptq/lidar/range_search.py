@@ -196,10 +196,12 @@ def judge_candidates(model: nn.Module, ranges: CandidateRanges, data: Sequence[A
 
 @torch.no_grad()
 def task_loss(model: nn.Module, data: Sequence[Any], float_outputs: Sequence[Any],
-              loss: Callable[[Any, Any, Any], torch.Tensor], bar: Any = None) -> float:
-    """Mean of ``loss(quantized output, float output, batch)`` over the batches."""
+              loss: Callable[[Any, Any, Any], torch.Tensor], bar: Any = None,
+              float_modules: Sequence[nn.Module] = ()) -> float:
+    """Mean of ``loss(quantized output, float output, batch)`` over the batches; ``float_modules`` run
+    in float meanwhile (the precision plan's FP16 layers)."""
     total = 0.0
-    with temporary_quant_mode(model, QuantMode.QUANTIZE):
+    with temporary_quant_mode(model, QuantMode.QUANTIZE), temporary_quant_mode(float_modules, QuantMode.FLOAT):
         for batch, reference in zip(data, float_outputs):
             total += float(loss(call_model(model, batch), reference, batch))
             if bar is not None:

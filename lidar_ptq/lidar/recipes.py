@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import RecipeError
 from ..recon.engine import ReconConfig
 from .pipeline import LidarPTQConfig, PTQRecipe
-from .tgpl import TGPLConfig
+from .tgpl import TaskGuidedPositiveLoss, TGPLConfig
 
 ACTIVATION_OBSERVERS = {"maxmin": "minmax", "entropy": "entropy", "percentile": "percentile",
                         "brecq": "minmax", "qdrop": "minmax"}
@@ -45,10 +45,14 @@ def _baseline(method: str, spec: Mapping[str, Any]) -> PTQRecipe:
         recon = ReconConfig.from_method(method, **dict(spec.get("recon", {})))
     elif spec.get("recon"):
         raise RecipeError(f"method {method!r} does not reconstruct; drop 'recon' or use brecq/qdrop/lidar_ptq")
+    fp16_budget = spec.get("fp16_budget")
+    # the plan judges layers by the task loss; the baseline's own stages stay unguarded
     return PTQRecipe(f"{method}_w{w_bits}a{a_bits}", quant, recon, False, int(spec.get("calib_frames", 256)),
                      dict(spec), equalize=tuple(spec.get("equalize", ())),
                      equalize_alpha=float(spec.get("equalize_alpha", 0.75)),
-                     bias_correction=bool(spec.get("bias_correction", False)))
+                     bias_correction=bool(spec.get("bias_correction", False)),
+                     select_loss=TaskGuidedPositiveLoss() if fp16_budget is not None else None,
+                     guards=False, fp16_budget=fp16_budget)
 
 
 def _check_values(spec: Mapping[str, Any]) -> None:
@@ -58,6 +62,10 @@ def _check_values(spec: Mapping[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
             raise RecipeError(f"{key}={value!r} in the PTQ recipe: use an integer bit-width from 2 to 8 "
                               "(INT8 engines run 8; 4 is weight-only compression)")
+    budget = spec.get("fp16_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+        raise RecipeError(f"fp16_budget={budget!r} in the PTQ recipe: use a fraction > 0 of the all-INT8 task loss "
+                          "(e.g. 0.3), or leave it out to deploy every layer in INT8")
     recon = spec.get("recon") or {}
     if not isinstance(recon, Mapping):
         raise RecipeError(f"'recon' in the PTQ recipe must be a dict of reconstruction settings, got {recon!r}")
@@ -76,7 +84,7 @@ def recipe_from_dict(spec: Mapping[str, Any]) -> PTQRecipe:
     _check_values(spec)
     if method != "lidar_ptq":
         allowed = {"method", "name", "w_bits", "a_bits", "observer_kwargs", "overrides", "recon", "calib_frames",
-                   "equalize", "equalize_alpha", "bias_correction"}
+                   "equalize", "equalize_alpha", "bias_correction", "fp16_budget"}
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise RecipeError(f"unknown key(s) {unknown} in a {method!r} recipe; valid: {sorted(allowed)}")

@@ -190,9 +190,11 @@ def _export_dense_file(module: nn.Module, args: tuple, directory: Path, stem: st
     merged = shared_range_tensors(proto)
     onnx.save(strip_qdq(proto), str(directory / f"{stem}.fp32.onnx"))
     cache = write_dynamic_ranges(ranges, directory, stem)
+    fp16_layers = [name for name, m in module.named_modules() if isinstance(m, QuantModuleMixin)
+                   and not m.weight_quantizer.enabled and not m.input_quantizer.enabled]
     entry = {"format": "onnx-qdq (explicit int8: symmetric, per-channel weights, per-tensor activations)",
              "opset": proto.opset_import[0].version, **_io(proto),
-             "quantized_activations": len(ranges)}
+             "quantized_activations": len(ranges), "fp16_layers": fp16_layers}
     cache_note = {"format": "TensorRT calibration cache (scale = amax / 127)"}
     if merged:
         cache_note["merged_ranges"] = (f"{len(merged)} tensor(s) feed several quantizers with different ranges; "

@@ -46,7 +46,7 @@ def quantize_runner_model(runner: Any, recipe: Any, calib_frames: int | None, se
     result = quantize_detector(runner.model, batches, recipe, resume_dir=Path(runner.work_dir) / "ptq_resume",
                                stages=stages)
     if save:
-        paths = save_quantized(runner.model, result.recipe, runner.work_dir)
+        paths = save_quantized(runner.model, result.recipe, runner.work_dir, result.report.precision_plan)
         runner.logger.info("saved %s and %s", paths["checkpoint"], paths["quant_params"])
     return result
 

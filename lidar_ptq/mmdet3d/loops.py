@@ -103,6 +103,8 @@ class PTQLoop(TestLoop):
                                             "layers": len(result.report.bias_corrections)},
                         "reconstruction": {**result.report.recon_loss, "kept": result.report.recon_kept},
                         "unquantized_layers": result.unquantized, "seconds": seconds,
+                        "precision_plan": (result.report.precision_plan.to_dict()
+                                           if result.report.precision_plan is not None else None),
                         "stages": stages.rows(), **results}
         if export is not None:
             self.metrics["export"] = {"dir": str(self.export_dir), "verification": export["verification"]}

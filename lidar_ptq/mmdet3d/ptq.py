@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import LidarPTQError
 from ..lidar.anchor_loss import AnchorPositiveLoss, is_anchor_output
 from ..lidar.pipeline import LidarPTQReport, PTQRecipe, run_ptq
+from ..lidar.precision_plan import PrecisionPlan
 from ..lidar.recipes import load_recipe
 from ..lidar.stage_log import StageLog
 from ..quant.fold import fold_batchnorms
@@ -127,7 +128,8 @@ def quantize_detector(model: nn.Module, batches: list[DetectorBatch], recipe: PT
         log.warning("quantizers that saw no calibration data: %s", ", ".join(report.uncalibrated))
     log.info("quantized with %s on %d frames in %.1f s\n%s", recipe.name, report.frames,
              time.perf_counter() - start, format_summary(quant_summary(adapter)))
-    return DetectorPTQResult(recipe, report, time.perf_counter() - start, tgpl, unquantized)
+    # the report's recipe: the one that ran, with the FP16 layers of a precision plan in its quant config
+    return DetectorPTQResult(report.recipe, report, time.perf_counter() - start, tgpl, unquantized)
 
 
 def _without_heatmaps(recipe: PTQRecipe, sample: Any, head: str) -> PTQRecipe:
@@ -152,8 +154,10 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_quantized(model: nn.Module, recipe: PTQRecipe, work_dir: str | os.PathLike) -> dict[str, Path]:
-    """``quantized.pth`` (state dict + recipe, reloads without calibration) and ``quant_params.json``."""
+def save_quantized(model: nn.Module, recipe: PTQRecipe, work_dir: str | os.PathLike,
+                   plan: PrecisionPlan | None = None) -> dict[str, Path]:
+    """``quantized.pth`` (state dict + recipe, reloads without calibration) and ``quant_params.json``
+    (every quantizer; with a precision plan, each planned layer's precision and sensitivity)."""
     detector = unwrap_model(model)
     work_dir = Path(work_dir)
     checkpoint = {"state_dict": detector.state_dict(),
@@ -165,8 +169,10 @@ def save_quantized(model: nn.Module, recipe: PTQRecipe, work_dir: str | os.PathL
     for (name, _), entry in zip(iter_quantizers(detector), params):
         entry["name"] = name
         entry["granularity"] = "per-tensor" if entry["axis"] is None else f"per-channel(axis={entry['axis']})"
-    _atomic_write(paths["quant_params"], lambda p: p.write_text(json.dumps(
-        {"recipe": recipe.name, "quantizers": params}, indent=1)))
+    content: dict[str, Any] = {"recipe": recipe.name, "quantizers": params}
+    if plan is not None:
+        content["precision_plan"] = plan.to_dict()
+    _atomic_write(paths["quant_params"], lambda p: p.write_text(json.dumps(content, indent=1)))
     return paths
 
 
