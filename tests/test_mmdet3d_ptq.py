@@ -164,6 +164,7 @@ def user_error_cases(synthetic, tmp):
         ("recipe file not JSON", [config, checkpoint, "--recipe", str(bad_json)], "is not valid JSON"),
         ("unknown recipe key", [config, checkpoint, "--recipe-options", "w_bitz=4"], "unknown key(s) ['w_bitz']"),
         ("bit-width out of range", [config, checkpoint, "--recipe-options", "w_bits=16"], "w_bits=16"),
+        ("FP16 budget of zero", [config, checkpoint, "--fp16-budget", "0"], "fp16_budget=0.0 in the PTQ recipe"),
         ("bit-width not a number", [config, checkpoint, "--recipe-options", "a_bits=x"], "a_bits='x'"),
         ("unknown reconstruction key", [config, checkpoint, "--recipe-options", "recon.iteratons=5"],
          "unknown reconstruction key(s) ['iteratons']"),

@@ -10,7 +10,7 @@ from test_lidar_pipeline import TinyBEVDetector, sparse_bev
 
 from lidar_ptq.errors import RecipeError
 from lidar_ptq.lidar.pipeline import LidarPTQConfig, run_ptq
-from lidar_ptq.lidar.precision_plan import PrecisionBudgetError, plan_precision, planned_layers
+from lidar_ptq.lidar.precision_plan import PrecisionBudgetError, plan_precision, planned_layers, rank_layers
 from lidar_ptq.lidar.range_search import task_loss
 from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.lidar.tgpl import TaskGuidedPositiveLoss
@@ -57,8 +57,7 @@ def test_plan_meets_the_budget_with_the_fewest_layers_of_its_ranking():
         counts[budget] = len(plan.fp16_layers)
         # one layer fewer (the last of the ranking's prefix back in INT8) misses the budget
         if plan.fp16_layers:
-            ranking = sorted(plan.sensitivity, key=lambda n: (plan.sensitivity[n]["gain"],
-                                                              plan.sensitivity[n]["alone"]), reverse=True)
+            ranking = rank_layers(plan.sensitivity)
             assert set(plan.fp16_layers) == set(ranking[:len(plan.fp16_layers)])
             modules = dict(int8_model.named_modules())
             fewer = [modules[n] for n in ranking[:len(plan.fp16_layers) - 1]]
@@ -149,3 +148,15 @@ def test_export_has_no_qdq_around_fp16_layers(tmp_path):
         ref = [t.numpy() for t in Flat(model)(x)]
     for g, r in zip(got, ref):  # the file computes the planned model: FP16 layers unquantized
         assert np.abs(g - r).max() <= 1e-3 * max(np.abs(r).max(), 1.0)
+
+
+def test_one_sensitivity_measurement_serves_several_budgets():
+    float_model, model, data, _ = quantized()
+    measure, held = data[:4], data[4:]
+    args = (model, measure, float_outputs(float_model, measure), held, float_outputs(float_model, held),
+            TaskGuidedPositiveLoss())
+    fresh = plan_precision(*args, 0.3)
+    reused = plan_precision(*args, 0.3, sensitivity=fresh.sensitivity)
+    assert reused.layers == fresh.layers and reused.loss == fresh.loss
+    assert reused.forwards < fresh.forwards  # the held-out passes only
+    assert rank_layers({"a": {"gain": -0.04, "alone": 0.02}, "b": {"gain": 0.01, "alone": 0.0}}) == ["a", "b"]

@@ -8,11 +8,11 @@ outputs of the calibration frames:
 * sensitivity, one pass over the sensitivity frames per layer and question: the task loss with only
   that layer quantized (``alone``) and the loss removed by leaving only that layer in float with every
   other layer quantized (``gain``);
-* the plan: layers ranked by ``gain`` (then ``alone``); the shortest prefix of that ranking whose FP16
-  model meets the budget on held-out calibration frames, found by bisection (about log2(layers)
-  passes) and verified by measuring the chosen plan. The budget is the held-out task loss allowed, as
-  a fraction of the all-INT8 model's (1: no FP16 layer needed; 0.1: nine tenths of INT8's task-loss
-  error removed).
+* the plan: layers ranked by the larger of ``gain`` and ``alone`` (``rank_layers``); the shortest
+  prefix of that ranking whose FP16 model meets the budget on held-out calibration frames, found by
+  bisection (about log2(layers) passes) and verified by measuring the chosen plan. The budget is the
+  held-out task loss allowed, as a fraction of the all-INT8 model's (1: no FP16 layer needed; 0.1:
+  nine tenths of INT8's task-loss error removed).
 
 FP16 layers run in float32 in the simulation (FP16's 11-bit significand is far finer than an INT8
 step); their quantizers are disabled, so the export writes no Q/DQ around them and marks sparse ones
@@ -78,6 +78,15 @@ def planned_layers(model: nn.Module) -> dict[str, nn.Module]:
             if any(q.enabled for q in own_quantizers(module))}
 
 
+def rank_layers(sensitivity: dict[str, dict[str, float]]) -> list[str]:
+    """Layers in the order they move to FP16: by the larger of ``gain`` (what FP16 removes with every
+    other layer INT8, the start of the walk) and ``alone`` (what the layer costs with the others float,
+    its end). ``gain`` alone misses layers whose error cancels another's: on the synthetic pillar model
+    two backbone convs with negative gain held 5% of the INT8 task loss (docs/precision_plan.md)."""
+    return sorted(sensitivity, key=lambda n: (max(sensitivity[n]["gain"], sensitivity[n]["alone"]),
+                                              sensitivity[n]["alone"]), reverse=True)
+
+
 def measure_sensitivity(model: nn.Module, data: Sequence[Any], float_outputs: Sequence[Any],
                         loss: Callable[[Any, Any, Any], Any], layers: dict[str, nn.Module] | None = None
                         ) -> tuple[dict[str, dict[str, float]], float]:
@@ -99,18 +108,21 @@ def measure_sensitivity(model: nn.Module, data: Sequence[Any], float_outputs: Se
 
 def plan_precision(model: nn.Module, sensitivity_data: Sequence[Any], sensitivity_outputs: Sequence[Any],
                    held_out: Sequence[Any], held_out_outputs: Sequence[Any], loss: Callable[[Any, Any, Any], Any],
-                   budget: float) -> PrecisionPlan:
+                   budget: float, sensitivity: dict[str, dict[str, float]] | None = None) -> PrecisionPlan:
     """The fewest FP16 layers (a prefix of the sensitivity ranking) that bring the held-out task loss to
-    at most ``budget`` x the all-INT8 loss. The model is left as it was; ``apply_precision_plan`` applies."""
+    at most ``budget`` x the all-INT8 loss. The model is left as it was; ``apply_precision_plan`` applies.
+    ``sensitivity`` from an earlier ``measure_sensitivity`` skips measuring again (several budgets)."""
     if not isinstance(budget, (int, float)) or not budget > 0:
         raise PrecisionBudgetError(f"fp16_budget must be a fraction > 0 of the all-INT8 task loss (e.g. 0.3), got "
                                    f"{budget!r}; 0 would keep every layer in FP16: quantize nothing instead")
     layers = planned_layers(model)
     if not layers:
         raise PrecisionBudgetError("the model has no quantized layer to plan: quantize it before planning")
-    sensitivity, _ = measure_sensitivity(model, sensitivity_data, sensitivity_outputs, loss, layers)
-    ranking = sorted(layers, key=lambda n: (sensitivity[n]["gain"], sensitivity[n]["alone"]), reverse=True)
-    forwards = (2 * len(layers) + 1) * len(sensitivity_data)
+    forwards = 0
+    if sensitivity is None:
+        sensitivity, _ = measure_sensitivity(model, sensitivity_data, sensitivity_outputs, loss, layers)
+        forwards = (2 * len(layers) + 1) * len(sensitivity_data)
+    ranking = rank_layers({n: sensitivity[n] for n in layers})
     measured: dict[int, float] = {}
 
     def held_out_loss(count: int) -> float:
