@@ -46,13 +46,13 @@ def _baseline(method: str, spec: Mapping[str, Any]) -> PTQRecipe:
     elif spec.get("recon"):
         raise RecipeError(f"method {method!r} does not reconstruct; drop 'recon' or use brecq/qdrop/lidar_ptq")
     fp16_budget = spec.get("fp16_budget")
-    # the plan judges layers by the task loss; the baseline's own stages stay unguarded
+    # a precision plan needs the task loss; it must not start guarding the baseline's own stages
     return PTQRecipe(f"{method}_w{w_bits}a{a_bits}", quant, recon, False, int(spec.get("calib_frames", 256)),
                      dict(spec), equalize=tuple(spec.get("equalize", ())),
                      equalize_alpha=float(spec.get("equalize_alpha", 0.75)),
                      bias_correction=bool(spec.get("bias_correction", False)),
                      select_loss=TaskGuidedPositiveLoss() if fp16_budget is not None else None,
-                     guards=False, fp16_budget=fp16_budget)
+                     guards=fp16_budget is None, fp16_budget=fp16_budget)
 
 
 def _check_values(spec: Mapping[str, Any]) -> None:
