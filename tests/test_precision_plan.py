@@ -10,7 +10,13 @@ from test_lidar_pipeline import TinyBEVDetector, sparse_bev
 
 from lidar_ptq.errors import RecipeError
 from lidar_ptq.lidar.pipeline import LidarPTQConfig, run_ptq
-from lidar_ptq.lidar.precision_plan import PrecisionBudgetError, plan_precision, planned_layers, rank_layers
+from lidar_ptq.lidar.precision_plan import (
+    PrecisionBudgetError,
+    own_quantizers,
+    plan_precision,
+    planned_layers,
+    rank_layers,
+)
 from lidar_ptq.lidar.range_search import task_loss
 from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.lidar.tgpl import TaskGuidedPositiveLoss
@@ -60,7 +66,7 @@ def test_plan_meets_the_budget_with_the_fewest_layers_of_its_ranking():
             ranking = rank_layers(plan.sensitivity)
             assert set(plan.fp16_layers) == set(ranking[:len(plan.fp16_layers)])
             modules = dict(int8_model.named_modules())
-            fewer = [modules[n] for n in ranking[:len(plan.fp16_layers) - 1]]
+            fewer = own_quantizers(*(modules[n] for n in ranking[:len(plan.fp16_layers) - 1]))
             held = data[4:]
             assert task_loss(int8_model, held, float_outputs(float_model, held), TaskGuidedPositiveLoss(),
                              float_modules=fewer) > budget * plan.loss_int8

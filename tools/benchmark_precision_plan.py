@@ -37,7 +37,13 @@ from mmengine.registry import init_default_scope
 
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
 from lidar_ptq.batches import call_model
-from lidar_ptq.lidar.precision_plan import apply_precision_plan, measure_sensitivity, plan_precision, rank_layers
+from lidar_ptq.lidar.precision_plan import (
+    apply_precision_plan,
+    measure_sensitivity,
+    own_quantizers,
+    plan_precision,
+    rank_layers,
+)
 from lidar_ptq.lidar.range_search import task_loss
 from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.lidar.tgpl import TaskGuidedPositiveLoss
@@ -133,7 +139,8 @@ def loss_curve(draw: dict[str, Any]) -> list[float]:
     ranking = rank_layers(sensitivity)
     modules = dict(draw["adapter"].named_modules())
     return [task_loss(draw["adapter"], draw["batches"][half:], draw["outputs"][half:], TaskGuidedPositiveLoss(),
-                      float_modules=[modules[n] for n in ranking[:k]]) for k in range(len(ranking) + 1)]
+                      float_modules=own_quantizers(*(modules[n] for n in ranking[:k])))
+            for k in range(len(ranking) + 1)]
 
 
 def run_draw(seed: int, budgets: list[float], cfg: Config, loader: Any, args: argparse.Namespace,
@@ -154,7 +161,7 @@ def run_draw(seed: int, budgets: list[float], cfg: Config, loader: Any, args: ar
         plan = plan_precision(adapter, measure, outputs[:half], held_out, outputs[half:], loss, budget,
                               sensitivity=sensitivity)
         plan_seconds = time.perf_counter() - start
-        with temporary_quant_mode([modules[n] for n in plan.fp16_layers], QuantMode.FLOAT):
+        with temporary_quant_mode(own_quantizers(*(modules[n] for n in plan.fp16_layers)), QuantMode.FLOAT):
             value = evaluate(model, loader, cfg, args.out, f"budget{budget:g}_seed{seed}")
         row = {"model": MODEL, "budget": budget, "seed": seed, "fp16_layers": len(plan.fp16_layers),
                "layers": len(plan.layers), "fp16_layer_names": plan.fp16_layers, "map": value,

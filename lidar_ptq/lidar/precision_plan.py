@@ -66,8 +66,10 @@ class PrecisionPlan:
         return {**asdict(self), "fp16_layers": self.fp16_layers}
 
 
-def own_quantizers(module: nn.Module) -> list[FakeQuantizer]:
-    return [m for m in module.children() if isinstance(m, FakeQuantizer)]
+def own_quantizers(*modules: nn.Module) -> list[FakeQuantizer]:
+    """The quantizers these modules hold themselves: a residual block's add quantizer, not its convs'.
+    Switching these (not the modules' subtrees) keeps a layer nested in a planned block separate."""
+    return [q for module in modules for q in module.children() if isinstance(q, FakeQuantizer)]
 
 
 def planned_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -99,9 +101,9 @@ def measure_sensitivity(model: nn.Module, data: Sequence[Any], float_outputs: Se
         everything = task_loss(model, data, float_outputs, loss, bar)
         sensitivity = {}
         for name, layer in layers.items():
-            others = [m for n, m in layers.items() if n != name]
+            others = own_quantizers(*(m for n, m in layers.items() if n != name))
             alone = task_loss(model, data, float_outputs, loss, bar, float_modules=others)
-            left_out = task_loss(model, data, float_outputs, loss, bar, float_modules=[layer])
+            left_out = task_loss(model, data, float_outputs, loss, bar, float_modules=own_quantizers(layer))
             sensitivity[name] = {"alone": alone, "gain": everything - left_out}
     return sensitivity, everything
 
@@ -128,7 +130,7 @@ def plan_precision(model: nn.Module, sensitivity_data: Sequence[Any], sensitivit
     def held_out_loss(count: int) -> float:
         nonlocal forwards
         if count not in measured:
-            fp16 = [layers[n] for n in ranking[:count]]
+            fp16 = own_quantizers(*(layers[n] for n in ranking[:count]))
             measured[count] = task_loss(model, held_out, held_out_outputs, loss, float_modules=fp16)
             forwards += len(held_out)
         return measured[count]
