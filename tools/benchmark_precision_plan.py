@@ -193,6 +193,8 @@ def intervals(result: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     result["intervals"] = intervals(result, out) or result.get("intervals", {})
+    for row in result["rows"]:  # this draw's difference to FP32 (x100); the intervals pool the draws
+        row["delta"] = round(100.0 * (row["map"] - result["meta"]["fp32_map"]), 3)
     out.write_text(json.dumps(result, indent=1))
     meta, fp32 = result["meta"], result["meta"].get("fp32_map")
     lines = ["# Deployment precision plan: FP16 layers under a task-loss budget", "",
