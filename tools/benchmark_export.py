@@ -34,7 +34,7 @@ from mmengine.registry import init_default_scope
 import lidar_ptq
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
 from lidar_ptq.export.onnx_qdq import export_onnx
-from lidar_ptq.export.runtime import ort_session
+from lidar_ptq.export.runtime import median_latency_ms, ort_session
 from lidar_ptq.export.verify import layerwise_agreement
 from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
@@ -61,13 +61,7 @@ def bev_canvas(channels: int, size: int, occupied: float, seed: int) -> torch.Te
 
 def latency_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int) -> tuple[float, list[np.ndarray]]:
     outputs = sess.run(None, feeds)
-    sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(1000 * (time.perf_counter() - start))
-    return float(np.median(times)), outputs
+    return median_latency_ms(sess, feeds, runs), outputs
 
 
 def latency_rows(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from mmengine.registry import init_default_scope
 
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
 from lidar_ptq.batches import call_model
+from lidar_ptq.export.runtime import median_latency_ms, ort_session
 from lidar_ptq.lidar.precision_plan import (
     apply_precision_plan,
     measure_sensitivity,
@@ -88,21 +90,11 @@ def evaluate(model: torch.nn.Module, loader: Any, cfg: Config, out: Path, name: 
 
 def onnx_latency_ms(path: Path, repeats: int = 20) -> float:
     """Median wall time of one run of ``path`` under ONNX Runtime's CPU provider (zeros of its input shape)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {}
     for value in onnx.load(str(path)).graph.input:
         shape = [d.dim_value or 1 for d in value.type.tensor_type.shape.dim]
         feeds[value.name] = np.zeros(shape, dtype=np.float32)
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(1000.0 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return median_latency_ms(ort_session(path, threads=torch.get_num_threads()), feeds, repeats, warmup=3)
 
 
 def dense_latency(model: torch.nn.Module, plan: Any, batch: Any) -> dict[str, float]:
@@ -115,7 +107,28 @@ def dense_latency(model: torch.nn.Module, plan: Any, batch: Any) -> dict[str, fl
                 "fp32_latency_ms": onnx_latency_ms(Path(folder) / "export" / "dense.fp32.onnx")}
 
 
-def quantized_draw(seed: int, cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class Draw:
+    """One calibration draw, quantized: the first half of its batches measures the layers, the rest is
+    held out; ``outputs`` are the float outputs of every batch."""
+    model: torch.nn.Module
+    adapter: DetectorAdapter
+    batches: list[Any]
+    outputs: list[Any]
+    sensitivity: dict[str, dict[str, float]]
+    ptq_seconds: float
+    sensitivity_seconds: float
+
+    @property
+    def half(self) -> int:
+        return len(self.batches) // 2
+
+    def fp16_quantizers(self, names: list[str]) -> list[Any]:
+        modules = dict(self.adapter.named_modules())
+        return own_quantizers(*(modules[n] for n in names))
+
+
+def quantized_draw(seed: int, cfg: Config, args: argparse.Namespace) -> Draw:
     """One calibration draw quantized, its float outputs and the layers' sensitivity."""
     model = build_model(cfg)
     batches = collect_batches(model, build_calibration_loader(cfg, args.calib_frames, seed), progress=False)
@@ -127,20 +140,15 @@ def quantized_draw(seed: int, cfg: Config, args: argparse.Namespace) -> dict[str
         outputs = [call_model(adapter, b) for b in batches]
     start = time.perf_counter()
     sensitivity, _ = measure_sensitivity(adapter, batches[:half], outputs[:half], TaskGuidedPositiveLoss())
-    return {"model": model, "adapter": adapter, "batches": batches, "outputs": outputs, "half": half,
-            "sensitivity": sensitivity, "ptq_seconds": ptq_seconds,
-            "sensitivity_seconds": time.perf_counter() - start}
+    return Draw(model, adapter, batches, outputs, sensitivity, ptq_seconds, time.perf_counter() - start)
 
 
-def loss_curve(draw: dict[str, Any]) -> list[float]:
+def loss_curve(draw: Draw) -> list[float]:
     """Held-out task loss with the first k layers of the sensitivity ranking in FP16, k = 0..layers: what the
     bisection searches (it measures about log2(layers) of these points)."""
-    sensitivity, half = draw["sensitivity"], draw["half"]
-    ranking = rank_layers(sensitivity)
-    modules = dict(draw["adapter"].named_modules())
-    return [task_loss(draw["adapter"], draw["batches"][half:], draw["outputs"][half:], TaskGuidedPositiveLoss(),
-                      float_modules=own_quantizers(*(modules[n] for n in ranking[:k])))
-            for k in range(len(ranking) + 1)]
+    ranking, half = rank_layers(draw.sensitivity), draw.half
+    return [task_loss(draw.adapter, draw.batches[half:], draw.outputs[half:], TaskGuidedPositiveLoss(),
+                      float_modules=draw.fp16_quantizers(ranking[:k])) for k in range(len(ranking) + 1)]
 
 
 def run_draw(seed: int, budgets: list[float], cfg: Config, loader: Any, args: argparse.Namespace,
@@ -149,26 +157,22 @@ def run_draw(seed: int, budgets: list[float], cfg: Config, loader: Any, args: ar
     if all(any(r["seed"] == seed and r["budget"] == b for r in result["rows"]) for b in budgets):
         return
     draw = quantized_draw(seed, cfg, args)
-    model, adapter, batches, outputs, half = (draw[k] for k in ("model", "adapter", "batches", "outputs", "half"))
-    loss, sensitivity = TaskGuidedPositiveLoss(), draw["sensitivity"]
-    ptq_seconds, sensitivity_seconds = draw["ptq_seconds"], draw["sensitivity_seconds"]
-    measure, held_out = batches[:half], batches[half:]
-    modules = dict(adapter.named_modules())
+    half = draw.half
     for budget in budgets:
         if any(r["seed"] == seed and r["budget"] == budget for r in result["rows"]):
             continue
         start = time.perf_counter()
-        plan = plan_precision(adapter, measure, outputs[:half], held_out, outputs[half:], loss, budget,
-                              sensitivity=sensitivity)
+        plan = plan_precision(draw.adapter, draw.batches[:half], draw.outputs[:half], draw.batches[half:],
+                              draw.outputs[half:], TaskGuidedPositiveLoss(), budget, sensitivity=draw.sensitivity)
         plan_seconds = time.perf_counter() - start
-        with temporary_quant_mode(own_quantizers(*(modules[n] for n in plan.fp16_layers)), QuantMode.FLOAT):
-            value = evaluate(model, loader, cfg, args.out, f"budget{budget:g}_seed{seed}")
+        with temporary_quant_mode(draw.fp16_quantizers(plan.fp16_layers), QuantMode.FLOAT):
+            value = evaluate(draw.model, loader, cfg, args.out, f"budget{budget:g}_seed{seed}")
         row = {"model": MODEL, "budget": budget, "seed": seed, "fp16_layers": len(plan.fp16_layers),
                "layers": len(plan.layers), "fp16_layer_names": plan.fp16_layers, "map": value,
-               "held_out_loss": plan.loss, "held_out_loss_int8": plan.loss_int8, "ptq_seconds": ptq_seconds,
-               "sensitivity_seconds": sensitivity_seconds, "plan_seconds": plan_seconds}
+               "held_out_loss": plan.loss, "held_out_loss_int8": plan.loss_int8, "ptq_seconds": draw.ptq_seconds,
+               "sensitivity_seconds": draw.sensitivity_seconds, "plan_seconds": plan_seconds}
         if seed == args.seeds[0]:
-            row.update(dense_latency(model, plan, batches[0]))
+            row.update(dense_latency(draw.model, plan, draw.batches[0]))
         result["rows"].append(row)
         write_outputs(result, args.out)
         print(f"draw {seed} budget {budget:g}: {len(plan.fp16_layers)}/{len(plan.layers)} FP16, "

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from typing import Any
 
 import onnx
@@ -20,3 +22,15 @@ def ort_session(model: str | os.PathLike | onnx.ModelProto, optimized: bool = Tr
         options.intra_op_num_threads = threads
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def median_latency_ms(session: Any, feeds: dict[str, Any], runs: int, warmup: int = 1) -> float:
+    """Median wall time of one ``session.run`` in milliseconds, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(1000.0 * (time.perf_counter() - start))
+    return statistics.median(times)

@@ -346,9 +346,10 @@ def _plan_precision(model: nn.Module, data: list[Any], recipe: PTQRecipe, judge:
     else:
         measure = first_frames(data, recipe.search_frames)
         held_out = first_frames(data[len(measure):], recipe.search_frames)
-        if not held_out:
-            measure, held_out = (data[:len(data) // 2], data[len(data) // 2:]) if len(data) > 1 else (data, data)
-            if measure is held_out:
+        if not held_out:  # too few frames for two sets: the two halves (one batch: itself, twice)
+            half = max(len(data) // 2, 1)
+            measure, held_out = data[:half], data[half:] or data
+            if len(data) == 1:
                 logger.warning("precision plan: one calibration batch, so the plan is checked on the frames "
                                "it was measured on; calibrate on more frames for a held-out check")
         with log.stage("precision plan"):
