@@ -202,7 +202,8 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
     out.write_text(json.dumps(result, indent=1))
     meta, fp32 = result["meta"], result["meta"].get("fp32_map")
     lines = ["# Deployment precision plan: FP16 layers under a task-loss budget", "",
-             meta["note"], "", f"Command: `{meta['command']}`", "",
+             meta["note"], "", f"Command: `{meta['command']}`; machine: {meta['machine']}, load average (1 min) "
+             f"{meta.get('load_before', float('nan')):.2f} before the run, nothing else running.", "",
              "| budget (x all-INT8 task loss) | FP16 layers (per draw) | mAP (per draw) | delta vs FP32 [95% CI] | "
              "dense ONNX Runtime CPU latency, ms (draw 0) |",
              "|---|---|---|---|---|"]
@@ -261,6 +262,7 @@ def main() -> int:
                       "recipe": RECIPE, "torch": torch.__version__, "onnxruntime": ort.__version__,
                       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                                  f"{torch.get_num_threads()} threads",
+                      "load_before": os.getloadavg()[0],
                       "command": "python tools/benchmark_precision_plan.py "
                                  f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} "
                                  f"--seeds {' '.join(map(str, args.seeds))} --val-frames {args.val_frames}",
