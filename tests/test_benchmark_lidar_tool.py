@@ -24,9 +24,8 @@ def test_rows_filtered_by_method_and_bits_and_explicit_pairs_outside_the_table()
 def test_paper_recipe_rows_follow_the_recipe_file_and_same_recipes_are_found():
     spec = lambda method, w=8: bench.recipe_spec(method, w, 8, ARGS)  # noqa: E731
     paper = json.loads(bench.PAPER_RECIPE.read_text())
-    assert {k: spec("lidar_ptq_paper")[k] for k in ("equalize_inputs", "bias_correction", "guards",
-                                                    "range_rules")} == \
-        {k: paper[k] for k in ("equalize_inputs", "bias_correction", "guards", "range_rules")}
+    assert {k: spec("lidar_ptq_paper")[k] for k in ("equalize_inputs", "bias_correction", "guards", "ranges")} == \
+        {k: paper[k] for k in ("equalize_inputs", "bias_correction", "guards", "ranges")}
     assert spec("paper:maxmin")["range_search"] is False and spec("paper:+tgpl")["adaptive_rounding"] is False
     # explicit defaults resolve to the default: a leave-one-out row that leaves nothing out is the default
     assert bench.same_recipe(spec("lidar_ptq"), {**spec("lidar_ptq"), "guards": True, "adaptive_rounding": True})

@@ -112,8 +112,8 @@ def test_every_shipped_recipe_file_loads(path):
     assert (recipe.quant["weight"]["bits"], recipe.quant["input"]["bits"]) == (spec.get("w_bits", 8),
                                                                               spec.get("a_bits", 8))
     assert recipe.bias_correction == spec.get("bias_correction", False)
-    equalized = spec["method"] == "lidar_ptq" and spec.get("equalize_inputs", True)
-    assert recipe.equalize == tuple(spec.get("equalize", ["*voxel_encoder*"] if equalized else []))
+    equalized = spec.get("equalize_inputs", spec["method"] == "lidar_ptq")
+    assert recipe.equalize == (("*voxel_encoder*",) if equalized else ())
     assert recipe.guards == spec.get("guards", True)
 
 

@@ -8,7 +8,7 @@ from test_tgpl import TinyCenterHead
 from torch import nn
 
 import lidar_ptq
-from lidar_ptq.lidar.pipeline import LidarPTQConfig, run_ptq
+from lidar_ptq.lidar import LidarPTQConfig, run_ptq
 from lidar_ptq.lidar.tgpl import TaskGuidedPositiveLoss
 
 
@@ -74,7 +74,7 @@ def test_task_guided_range_search_keeps_the_candidate_with_the_lowest_output_err
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=3 * data[0].shape[0])
     report = run_ptq(model, data, cfg)
-    assert list(report.selection) == list(LidarPTQConfig().range_rules)
+    assert list(report.selection) == list(LidarPTQConfig().ranges.rules)
     chosen = min(report.selection, key=report.selection.get)
     observers = {row["observer"] for row in lidar_ptq.quant_summary(model)}
     expected = {"maxmin": {"minmax"}, "lp": {"lp_search"}, "pct": {"minmax", "percentile"}}

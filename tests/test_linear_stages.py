@@ -10,7 +10,7 @@ from torch import nn
 
 import lidar_ptq
 from lidar_ptq.batches import StopForward, run_batches
-from lidar_ptq.lidar.pipeline import LidarPTQConfig, run_ptq
+from lidar_ptq.lidar import LidarPTQConfig, run_ptq
 from lidar_ptq.lidar.stage_log import StageLog
 from lidar_ptq.quant.bias_correction import correct_biases, correctable_layers
 from lidar_ptq.quant.equalize import equalize_inputs
@@ -121,7 +121,7 @@ def test_one_pass_range_search_scores_every_candidate_as_a_calibrated_copy_would
     model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=6,
-                         equalize_patterns=("backbone.0",), search_frames=4, bias_correction=True)
+                         equalize={"patterns": ("backbone.0",)}, ranges={"frames": 4}, bias_correction=True)
     recipe = cfg.recipe()
     expected = per_candidate_search(copy.deepcopy(model), data, recipe)
     log = StageLog()
@@ -169,8 +169,8 @@ def test_reconstruction_fits_on_its_first_recon_frames(monkeypatch):
 
     monkeypatch.setattr(pipeline, "reconstruct", watched)
     data = [sparse_bev(s) for s in range(3)]  # two frames a batch
-    cfg = LidarPTQConfig(range_search=False, bias_correction=False, calib_frames=6, recon_frames=3,
-                         recon={"iterations": 2, "progress": False})
+    cfg = LidarPTQConfig(range_search=False, bias_correction=False, calib_frames=6,
+                         recon={"frames": 3, "iterations": 2, "progress": False})
     report = run_ptq(TinyBEVDetector().eval(), data, cfg.recipe())
     assert seen == [(2, 2)]  # the first batches holding 3 frames
     assert report.frames == 6 and report.reconstruction is not None
@@ -186,8 +186,9 @@ def test_a_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch, stage):
     torch.manual_seed(0)
     float_model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(3)]
-    cfg = LidarPTQConfig(w_bits=4, a_bits=4, calib_frames=6, range_rules=("maxmin", "lp2", "pct99.9"),
-                         search_frames=4, bias_correction=True, recon={"iterations": 20, "progress": False})
+    cfg = LidarPTQConfig(w_bits=4, a_bits=4, calib_frames=6, bias_correction=True,
+                         ranges={"rules": ("maxmin", "lp2", "pct99.9"), "frames": 4},
+                         recon={"iterations": 20, "progress": False})
     expected = copy.deepcopy(float_model)
     reference = run_ptq(expected, data, cfg.recipe(), freeze_weights=False)
 

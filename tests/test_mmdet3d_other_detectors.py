@@ -34,7 +34,8 @@ def test_anchor_head_is_judged_and_guarded_by_its_own_positives(caplog):
     torch.manual_seed(0)
     model = MODELS.build(cfg.model).eval()
     batches = random_frames(model, n=1)
-    recipe = {"method": "lidar_ptq", "calib_frames": 1, "range_rules": ["maxmin", "pct99.9"], "bias_correction": True,
+    recipe = {"method": "lidar_ptq", "calib_frames": 1, "ranges": {"rules": ["maxmin", "pct99.9"]},
+              "bias_correction": True,
               "recon": {"iterations": 1, "progress": False, "unit_names": ["bbox_head.conv_cls"]}}
     with caplog.at_level(logging.WARNING):
         result = quantize_detector(model, batches, recipe)

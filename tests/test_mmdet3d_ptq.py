@@ -24,7 +24,7 @@ from lidar_ptq.sim.dataset import DatasetSpec, generate  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PILLAR = ROOT / "configs" / "synthetic" / "centerpoint_pillar_synthetic.py"
 VOXEL = ROOT / "configs" / "synthetic" / "centerpoint_voxel_synthetic.py"
-FAST = ["--recipe-options", "recon.iterations=3", "recon.output_loss_every=2", "range_rules=[maxmin,lp4]",
+FAST = ["--recipe-options", "recon.iterations=3", "recon.output_loss_every=2", "ranges.rules=[maxmin,lp4]",
         "--calib-frames", "3"]
 
 
@@ -126,7 +126,7 @@ def test_hook_route_gives_the_same_quantized_metrics(quantized_run, synthetic):
     recipe = str(ROOT / "configs" / "quant" / "ptq" / "lidar_ptq_w8a8.json")  # the CLI's default
     cfg.custom_hooks = [dict(type="LidarPTQHook", recipe=recipe, calib_frames=3,
                              recipe_options={"recon.iterations": 3, "recon.output_loss_every": 2,
-                                             "range_rules": ["maxmin", "lp4"]})]
+                                             "ranges": {"rules": ["maxmin", "lp4"]}})]
     cfg.load_from = str(synthetic["checkpoint"])
     cfg.work_dir = str(synthetic["root"] / "hook")
     metrics = Runner.from_cfg(cfg).test()

@@ -92,4 +92,4 @@ def test_stock_nuscenes_config_calibration_stages(tmp_path, name):
 @pytest.mark.slow
 def test_stock_nuscenes_pillar_full_recipe(tmp_path):
     check_run(tmp_path, "centerpoint_pillar02_nus_lidar_ptq",
-              ["--recipe-options", "recon.iterations=1", "range_rules=[maxmin,lp4]", "--calib-frames", "1"])
+              ["--recipe-options", "recon.iterations=1", "ranges.rules=[maxmin,lp4]", "--calib-frames", "1"])

@@ -9,7 +9,7 @@ from conftest import import_or_skip
 from test_lidar_pipeline import TinyBEVDetector, sparse_bev
 
 from lidar_ptq.errors import RecipeError
-from lidar_ptq.lidar.pipeline import LidarPTQConfig, run_ptq
+from lidar_ptq.lidar import LidarPTQConfig, run_ptq
 from lidar_ptq.lidar.precision_plan import (
     PrecisionBudgetError,
     own_quantizers,
@@ -22,7 +22,7 @@ from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.lidar.tgpl import TaskGuidedPositiveLoss
 
 W4A4_MAXMIN = dict(w_bits=4, a_bits=4, sparse_calibration=False, equalize_inputs=False, range_search=False,
-                   tgpl=False, adaptive_rounding=False, calib_frames=16, search_frames=8)
+                   tgpl=False, adaptive_rounding=False, calib_frames=16, ranges={"frames": 8})
 
 
 def frames():

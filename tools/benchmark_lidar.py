@@ -24,6 +24,7 @@ Models come from tools/train.py (benchmarks/models/centerpoint_<model>_synthetic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -38,7 +39,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
-from lidar_ptq.lidar.pipeline import LidarPTQConfig
+from lidar_ptq.lidar import LidarPTQConfig
 from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
 from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_frames
@@ -80,7 +81,6 @@ COMPARISONS = [("range search (paper's chain)", "paper:+grid", "paper:maxmin"),
                ("equalization", "lidar_ptq+bias_correction", "lidar_ptq+bias_correction-equalize"),
                ("bias correction", "lidar_ptq+bias_correction", "lidar_ptq"),
                ("guards", "lidar_ptq+bias_correction", "lidar_ptq+bias_correction-guards")]
-EQUALIZE = ["*voxel_encoder*"]  # "<method>+equalize": a baseline with LiDAR-PTQ's input equalization
 ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize+bias_correction", "brecq",
                             "qdrop", *VARIANTS)] + \
        [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq_paper", "lidar_ptq")] + \
@@ -102,18 +102,17 @@ def selected_rows(methods: list[str] | None, bits: list[str] | None) -> list[tup
 
 
 def same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two row recipes quantize the same way (LiDAR-PTQ stage flags resolved to their defaults)."""
+    """Whether two row recipes quantize the same way (LiDAR-PTQ settings resolved to their defaults)."""
     if not a or not b or a.get("method") != b.get("method"):
         return False
     if a["method"] != "lidar_ptq":
         return a == b
-    flags = ("equalize_inputs", "bias_correction", "range_search", "tgpl", "adaptive_rounding", "guards",
-             "range_rules")
+    known = {f.name for f in dataclasses.fields(LidarPTQConfig)}
 
-    def resolved(spec: dict[str, Any]) -> dict[str, Any]:
-        cfg = LidarPTQConfig(w_bits=spec["w_bits"], a_bits=spec["a_bits"], **{f: spec[f] for f in flags if f in spec})
-        return {**spec, **{f: list(v) if isinstance(v := getattr(cfg, f), tuple) else v for f in flags}}
-    return resolved(a) == resolved(b)
+    def split(spec: dict[str, Any]) -> tuple[dict[str, Any], LidarPTQConfig]:
+        return ({k: v for k, v in spec.items() if k not in known},
+                LidarPTQConfig(**{k: v for k, v in spec.items() if k in known}))
+    return split(a) == split(b)
 
 
 def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace, seed: int | None = None) -> dict[str, Any]:
@@ -127,7 +126,7 @@ def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace, seed: int
         if base == "percentile":
             spec["observer_kwargs"] = {"percentile": 99.99}
         if "+equalize" in method:
-            spec["equalize"] = EQUALIZE
+            spec["equalize_inputs"] = True  # LiDAR-PTQ's input equalization
         if "+bias_correction" in method:
             spec["bias_correction"] = True
     if method in ("brecq", "qdrop") or spec["method"] == "lidar_ptq":

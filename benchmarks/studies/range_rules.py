@@ -31,7 +31,7 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope
 
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
-from lidar_ptq.lidar.pipeline import LidarPTQConfig
+from lidar_ptq.lidar import LidarPTQConfig
 from lidar_ptq.lidar.tgpl import TaskGuidedPositiveLoss
 from lidar_ptq.mmdet3d.adapter import DetectorAdapter
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches

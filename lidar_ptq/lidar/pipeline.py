@@ -40,130 +40,15 @@ from ..quant.equalize import equalize_inputs
 from ..quant.model import calibrate, quantize
 from ..quant.quantizer import QuantMode, temporary_quant_mode
 from ..recon.cache import is_sparse_tensor
-from ..recon.engine import ReconConfig, ReconReport, freeze, reconstruct
+from ..recon.engine import ReconReport, freeze, reconstruct
 from .checkpoints import StageCheckpoints
+from .config import LidarPTQConfig, PTQRecipe
 from .occupancy import OccupancyMask
 from .precision_plan import PrecisionBudgetError, PrecisionPlan, apply_precision_plan, plan_precision
 from .range_search import candidate_specs, collect_candidate_ranges, judge_candidates, task_loss
 from .stage_log import StageLog
-from .tgpl import TaskGuidedPositiveLoss, TGPLConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PTQRecipe:
-    """What ``run_ptq`` executes, for LiDAR-PTQ and the baselines alike (``LidarPTQConfig.recipe()`` and
-    ``lidar_ptq.lidar.recipes`` make them): the quant config, where ranges are calibrated, the range
-    candidates and the loss that judges them and guards the later stages, bias correction, and
-    reconstruction (None: calibration only)."""
-    name: str
-    quant: dict[str, Any]
-    recon: ReconConfig | None = None
-    sparse_calibration: bool = False
-    calib_frames: int = 256
-    source: dict[str, Any] = field(default_factory=dict)  # the dict it was made from (saved with results)
-    range_candidates: dict[str, dict[str, Any]] = field(default_factory=dict)  # rule -> its quant config
-    select_loss: Any = None  # fn(quant_output, float_output, batch) -> scalar: judges and guards
-    equalize: tuple[str, ...] = ()  # module patterns whose input channels are equalized
-    equalize_alpha: float = 0.75
-    bias_correction: bool = False
-    search_frames: int | None = 16  # the range search judges on this many frames (bounds its cost)
-    recon_frames: int | None = None  # reconstruction fits on this many frames (bounds its memory)
-    guards: bool = True
-    fp16_budget: float | None = None  # plan FP16 layers to this fraction of the all-INT8 task loss
-
-
-@dataclass
-class LidarPTQConfig:
-    """LiDAR-PTQ's settings; a recipe file holds the same keys (configs/quant/ptq/*.json).
-
-    Usually set: ``w_bits``, ``a_bits``, ``calib_frames``, the stages (``sparse_calibration``,
-    ``equalize_inputs``, ``bias_correction``, ``range_search``, ``tgpl``, ``adaptive_rounding``,
-    ``guards``) and the reconstruction budget in ``recon`` (any ``ReconConfig`` field, e.g.
-    ``iterations``). The rest tunes a stage: ``equalize_patterns``/``equalize_alpha`` (which layers,
-    SmoothQuant's migration strength), ``range_rules`` and ``search_frames`` (the range search),
-    ``recon_frames`` (reconstruction's memory bound), ``tgpl_config``/``tgpl_weight`` (the task loss),
-    ``overrides`` (quant-config patterns, e.g. keep a layer float). ``fp16_budget`` (None: every layer
-    INT8) plans the layers that deploy in FP16: the fewest that bring the held-out task loss to this
-    fraction of the all-INT8 loss (docs/precision_plan.md). What each stage does and what it was
-    measured to be worth: docs/method.md.
-    """
-    w_bits: int = 8
-    a_bits: int = 8
-    calib_frames: int = 256  # a small fraction of the training set, as in the paper
-    sparse_calibration: bool = True
-    equalize_inputs: bool = True  # not in the paper; a no-op without a "*voxel_encoder*" layer
-    equalize_patterns: tuple[str, ...] = ("*voxel_encoder*",)
-    equalize_alpha: float = 0.75
-    bias_correction: bool = False  # not in the paper; measured not to pay inside the full recipe
-    range_search: bool = True
-    # clipping rules: "maxmin" (none), "lp<p>" (Lp-error search), "pct<q>" (q-th percentile of |x|);
-    # "<rule>@all" takes activation statistics over every site instead of the active ones
-    range_rules: tuple[str, ...] = ("maxmin", "lp2", "lp3", "lp4", "pct99.9", "pct99.99",
-                                   "maxmin@all", "lp2@all", "lp3@all", "pct99.99@all")
-    search_frames: int | None = 16
-    tgpl: bool = True
-    adaptive_rounding: bool = True  # AdaRound at every bit-width, as in the paper
-    guards: bool = True  # False: bias correction and reconstruction are kept whatever the task loss says
-    recon_frames: int | None = None
-    tgpl_config: TGPLConfig = field(default_factory=TGPLConfig)
-    tgpl_weight: float = 1.0
-    recon: Mapping[str, Any] = field(default_factory=dict)
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-    fp16_budget: float | None = None
-
-    def quant_config(self, clipping: str = "maxmin") -> dict[str, Any]:
-        """The quant config of stages 1-2: max-min ranges (over active sites when sparse), clipped by
-        the rule ``clipping`` (see ``range_rules``)."""
-        clipping, _, sites = clipping.partition("@")
-        if sites not in ("", "active", "all"):
-            raise ValueError(f"unknown sites {sites!r} in clipping rule: use '<rule>', '<rule>@active' or '<rule>@all'")
-        w_observer, w_kwargs = "minmax", {}
-        a_observer, a_kwargs = "minmax", {"sparse": self.sparse_calibration and sites != "all"}
-        if clipping.startswith("lp"):
-            p = float(clipping[2:])
-            w_observer, w_kwargs = "lp_search", {"p": p}
-            a_observer, a_kwargs = "lp_search", {**a_kwargs, "p": p}
-        elif clipping.startswith("pct"):
-            a_observer, a_kwargs = "percentile", {**a_kwargs, "percentile": float(clipping[3:])}
-        elif clipping != "maxmin":
-            raise ValueError(f"unknown clipping rule {clipping!r}: use 'maxmin', 'lp<p>' or 'pct<q>'")
-        return {
-            "weight": {"bits": self.w_bits, "per_channel": True, "symmetric": True, "observer": w_observer,
-                       "observer_kwargs": w_kwargs},
-            "input": {"bits": self.a_bits, "symmetric": True, "observer": a_observer, "observer_kwargs": a_kwargs},
-            "overrides": dict(self.overrides),
-        }
-
-    def recon_config(self) -> ReconConfig | None:
-        """Stages 3-4 as one reconstruction config, or None when both are off."""
-        if not (self.tgpl or self.adaptive_rounding):
-            return None
-        settings: dict[str, Any] = {"granularity": "block", "drop_prob": 1.0, "learn_act_scale": True,
-                                    "rounding": "adaround" if self.adaptive_rounding else "nearest"}
-        if self.tgpl:
-            settings.update(output_loss=TaskGuidedPositiveLoss(self.tgpl_config), output_loss_weight=self.tgpl_weight)
-        settings.update(self.recon)
-        return ReconConfig(**settings)
-
-
-    def recipe(self, name: str | None = None) -> PTQRecipe:
-        candidates: dict[str, dict[str, Any]] = {}
-        for rule in self.range_rules if self.range_search else ():
-            config = self.quant_config(rule)
-            if config not in candidates.values():  # e.g. "lp2@all" is "lp2" without sparse calibration
-                candidates[rule] = config
-        return PTQRecipe(name or f"lidar_ptq_w{self.w_bits}a{self.a_bits}", self.quant_config(),
-                         self.recon_config(), self.sparse_calibration, self.calib_frames,
-                         range_candidates=candidates,
-                         select_loss=(TaskGuidedPositiveLoss(self.tgpl_config)
-                                      if candidates or self.bias_correction or self.recon_config()
-                                      or self.fp16_budget is not None else None),
-                         equalize=tuple(self.equalize_patterns) if self.equalize_inputs else (),
-                         equalize_alpha=self.equalize_alpha, bias_correction=self.bias_correction,
-                         search_frames=self.search_frames, recon_frames=self.recon_frames,
-                         guards=self.guards, fp16_budget=self.fp16_budget)
 
 
 @dataclass
@@ -335,7 +220,7 @@ def _run_stages(model: nn.Module, calib_data: Iterable[Any], recipe: PTQRecipe, 
 
 def _plan_precision(model: nn.Module, data: list[Any], recipe: PTQRecipe, judge: TaskJudge | None,
                     saved: StageCheckpoints, log: StageLog) -> PrecisionPlan:
-    """The FP16 plan, measured on the first ``search_frames`` calibration frames and checked on the
+    """The FP16 plan, measured on the first ``ranges.frames`` calibration frames and checked on the
     next as many (held out; the two halves of the frames when there are fewer), then applied."""
     if judge is None:
         raise PrecisionBudgetError("fp16_budget needs a task loss to judge layers by; this recipe has none "

@@ -7,7 +7,7 @@ Recipes load from JSON files (configs/quant/ptq/*.json) or dicts:
 
     {"method": "lidar_ptq", "w_bits": 8, "a_bits": 8, "recon": {"iterations": 2000}}
     {"method": "qdrop", "w_bits": 4, "a_bits": 8, "recon": {"iterations": 2000}}
-    {"method": "percentile", "equalize": ["*voxel_encoder*"]}   (any method: input-channel equalization)
+    {"method": "percentile", "equalize_inputs": true}   (any method: input-channel equalization)
 
 Baselines follow common deployment practice: symmetric INT8 with per-channel
 weight max and per-tensor activations calibrated by max-min, TensorRT's entropy,
@@ -24,8 +24,8 @@ from typing import Any
 
 from ..errors import RecipeError
 from ..recon.engine import ReconConfig
-from .pipeline import LidarPTQConfig, PTQRecipe
-from .tgpl import TaskGuidedPositiveLoss, TGPLConfig
+from .config import EqualizeOptions, LidarPTQConfig, PTQRecipe, ReconstructionOptions, sub_config
+from .tgpl import TaskGuidedPositiveLoss
 
 ACTIVATION_OBSERVERS = {"maxmin": "minmax", "entropy": "entropy", "percentile": "percentile",
                         "brecq": "minmax", "qdrop": "minmax"}
@@ -40,17 +40,19 @@ def _baseline(method: str, spec: Mapping[str, Any]) -> PTQRecipe:
              "input": {"bits": a_bits, "symmetric": True, "observer": ACTIVATION_OBSERVERS[method],
                        "observer_kwargs": observer_kwargs},
              "overrides": dict(spec.get("overrides", {}))}
+    recon_options = sub_config(ReconstructionOptions, spec.get("recon"), "recon")
     recon = None
     if method in ("brecq", "qdrop"):
-        recon = ReconConfig.from_method(method, **dict(spec.get("recon", {})))
+        recon = ReconConfig.from_method(method, **dict(recon_options.settings))
     elif spec.get("recon"):
         raise RecipeError(f"method {method!r} does not reconstruct; drop 'recon' or use brecq/qdrop/lidar_ptq")
+    equalize = sub_config(EqualizeOptions, spec.get("equalize"), "equalize")
     fp16_budget = spec.get("fp16_budget")
     # a precision plan needs the task loss; it must not start guarding the baseline's own stages
     return PTQRecipe(f"{method}_w{w_bits}a{a_bits}", quant, recon, False, int(spec.get("calib_frames", 256)),
-                     dict(spec), equalize=tuple(spec.get("equalize", ())),
-                     equalize_alpha=float(spec.get("equalize_alpha", 0.75)),
-                     bias_correction=bool(spec.get("bias_correction", False)),
+                     dict(spec), equalize=tuple(equalize.patterns) if spec.get("equalize_inputs") else (),
+                     equalize_alpha=equalize.alpha, bias_correction=bool(spec.get("bias_correction", False)),
+                     recon_frames=recon_options.frames,
                      select_loss=TaskGuidedPositiveLoss() if fp16_budget is not None else None,
                      guards=fp16_budget is None, fp16_budget=fp16_budget)
 
@@ -66,14 +68,21 @@ def _check_values(spec: Mapping[str, Any]) -> None:
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
         raise RecipeError(f"fp16_budget={budget!r} in the PTQ recipe: use a fraction > 0 of the all-INT8 task loss "
                           "(e.g. 0.3), or leave it out to deploy every layer in INT8")
-    recon = spec.get("recon") or {}
-    if not isinstance(recon, Mapping):
-        raise RecipeError(f"'recon' in the PTQ recipe must be a dict of reconstruction settings, got {recon!r}")
-    valid = {f.name for f in fields(ReconConfig)}
-    unknown = sorted(set(recon) - valid)
+    sub_config(ReconstructionOptions, spec.get("recon"), "recon")
+
+
+# top-level keys a recipe might carry that belong to a sub-config, and where each is set
+MOVED_KEYS = {"search_frames": "ranges.frames", "range_rules": "ranges.rules", "recon_frames": "recon.frames",
+              "equalize_patterns": "equalize.patterns", "equalize_alpha": "equalize.alpha",
+              "tgpl_config": "task_loss", "tgpl_weight": "recon.output_loss_weight"}
+
+
+def _reject_unknown(spec: Mapping[str, Any], allowed: set[str], method: str) -> None:
+    unknown = sorted(set(spec) - allowed)
     if unknown:
-        raise RecipeError(f"unknown reconstruction key(s) {unknown} in the PTQ recipe ('recon'); valid: "
-                          f"{sorted(valid)}")
+        moved = [f"{key} is now {MOVED_KEYS[key]}" for key in unknown if key in MOVED_KEYS]
+        hint = f" ({'; '.join(moved)})" if moved else ""
+        raise RecipeError(f"unknown key(s) {unknown} in a {method!r} recipe{hint}; valid: {sorted(allowed)}")
 
 
 def recipe_from_dict(spec: Mapping[str, Any]) -> PTQRecipe:
@@ -83,21 +92,14 @@ def recipe_from_dict(spec: Mapping[str, Any]) -> PTQRecipe:
         raise RecipeError(f"unknown PTQ method {method!r}; choose from {list(METHODS)}")
     _check_values(spec)
     if method != "lidar_ptq":
-        allowed = {"method", "name", "w_bits", "a_bits", "observer_kwargs", "overrides", "recon", "calib_frames",
-                   "equalize", "equalize_alpha", "bias_correction", "fp16_budget"}
-        unknown = sorted(set(spec) - allowed)
-        if unknown:
-            raise RecipeError(f"unknown key(s) {unknown} in a {method!r} recipe; valid: {sorted(allowed)}")
+        _reject_unknown(spec, {"method", "name", "w_bits", "a_bits", "observer_kwargs", "overrides", "recon",
+                               "calib_frames", "equalize_inputs", "equalize", "bias_correction", "fp16_budget"},
+                        method)
         recipe = _baseline(method, spec)
     else:
         known = {f.name for f in fields(LidarPTQConfig)}
-        unknown = sorted(set(spec) - known - {"method", "name"})
-        if unknown:
-            raise RecipeError(f"unknown key(s) {unknown} in a lidar_ptq recipe; valid: {sorted(known)}")
-        kwargs = {k: v for k, v in spec.items() if k in known}
-        if isinstance(kwargs.get("tgpl_config"), Mapping):
-            kwargs["tgpl_config"] = TGPLConfig(**kwargs["tgpl_config"])
-        recipe = LidarPTQConfig(**kwargs).recipe()
+        _reject_unknown(spec, known | {"method", "name"}, method)
+        recipe = LidarPTQConfig(**{k: v for k, v in spec.items() if k in known}).recipe()
     if spec.get("name"):
         recipe.name = str(spec["name"])
     recipe.source = dict(spec)

@@ -18,7 +18,7 @@ from mmengine.dist import is_main_process
 from mmengine.runner import TestLoop
 from mmengine.runner.amp import autocast
 
-from ..lidar.pipeline import PTQRecipe
+from ..lidar.config import PTQRecipe
 from ..lidar.stage_log import StageLog
 from .calibration import require_batch_points
 from .hooks import quantize_runner_model

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..errors import LidarPTQError
 from ..lidar.anchor_loss import AnchorPositiveLoss, is_anchor_output
-from ..lidar.pipeline import LidarPTQReport, PTQRecipe, run_ptq
+from ..lidar.config import PTQRecipe
+from ..lidar.pipeline import LidarPTQReport, run_ptq
 from ..lidar.precision_plan import PrecisionPlan
 from ..lidar.recipes import load_recipe
 from ..lidar.stage_log import StageLog
