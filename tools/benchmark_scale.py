@@ -304,8 +304,6 @@ def main(argv: list[str] | None = None) -> None:
     result = {"meta": meta, "rows": [], "runs": []}
     if out.is_file() and not args.fresh:
         result = json.loads(out.read_text())
-        commands = result["meta"].get("commands", [result["meta"].pop("command", "")])
-        result["meta"]["commands"] = [c for c in commands if c] + [command.strip()]
     for model in args.models:
         for frames in args.frames:
             if not args.again and any(r["model"] == model and r["frames"] == frames for r in result["runs"]):
@@ -324,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
             result["rows"] = [r for r in result["rows"] if not (r["model"] == model and r["frames"] == frames)]
             result["rows"] += data["rows"]
             result["runs"] = [r for r in result["runs"] if not (r["model"] == model and r["frames"] == frames)]
-            result["runs"].append(data["run"])
+            result["runs"].append({**data["run"], "command": command.strip()})
+            result["meta"]["commands"] = list(dict.fromkeys(r["command"] for r in result["runs"] if "command" in r))
             total = next(r for r in data["rows"] if r["stage"] == "total")
             print(f"[scale] {model} x {frames}: {total['seconds']:.1f} s, {total['forwards']} forwards, "
                   f"peak {total['peak_rss_mb']:.0f} MB", flush=True)
