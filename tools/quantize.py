@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipe", help="recipe JSON or method name (default: the config's "
                         "LidarPTQHook recipe, else configs/quant/ptq/lidar_ptq_w8a8.json)")
     parser.add_argument("--recipe-options", nargs="+", action=DictAction, default={},
-                        help="recipe overrides, e.g. recon.iterations=500 w_bits=4")
+                        help="recipe overrides, e.g. w_bits=4 ranges.frames=8 recon.iterations=500")
     parser.add_argument("--work-dir", help="default: work_dirs/ptq/<config name>")
     parser.add_argument("--calib-frames", type=int, help="calibration frames (default: the recipe's, 256)")
     parser.add_argument("--seed", type=int, default=0, help="draws the calibration frames; seeds reconstruction")
