@@ -6,15 +6,9 @@ from conftest import import_or_skip
 pytestmark = pytest.mark.mmdet3d
 import_or_skip("nuscenes")
 import_or_skip("mmdet3d")
-from lidar_ptq.mmdet3d.intervals import (  # noqa: E402
-    MatchTable,
-    bootstrap_map,
-    match_frames,
-    mean_ap,
-    paired_interval,
-    resample_weights,
-)
+from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map, match_frames, mean_ap  # noqa: E402
 from lidar_ptq.mmdet3d.metrics import center_distance_map  # noqa: E402
+from lidar_ptq.stats import paired_interval, resample_weights  # noqa: E402
 
 CLASSES = ["car", "pedestrian", "bicycle"]
 

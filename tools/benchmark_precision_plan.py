@@ -53,10 +53,11 @@ from lidar_ptq.mmdet3d.adapter import DetectorAdapter
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
 from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_frames
 from lidar_ptq.mmdet3d.export import export_detector
-from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map, match_frames, paired_interval, resample_weights
+from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map, match_frames
 from lidar_ptq.mmdet3d.ptq import load_float_checkpoint, quantize_detector
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 from lidar_ptq.quant.quantizer import QuantMode, temporary_quant_mode
+from lidar_ptq.stats import paired_interval, resample_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/synthetic/centerpoint_pillar_synthetic.py"

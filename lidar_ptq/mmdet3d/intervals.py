@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..stats import BootstrapSamples
 from .metrics import DIST_THRESHOLDS
 
 MIN_RECALL = 0.1
@@ -133,69 +134,9 @@ def mean_ap(table: MatchTable, weights: np.ndarray | None = None) -> float:
     return float(aps.mean())
 
 
-def resample_weights(frames: int, draws: int, seed: int = 0) -> np.ndarray:
-    """[draws, frames] how often each frame is drawn in each bootstrap resample (frames with replacement)."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, frames, size=(draws, frames))
-    return np.stack([np.bincount(p, minlength=frames) for p in picks])
-
-
-@dataclass
-class Interval:
-    """A difference of mAP (x100) and its 95% bootstrap interval."""
-
-    delta: float
-    low: float
-    high: float
-
-    @property
-    def resolved(self) -> bool:
-        """The interval leaves out zero: the sign of the difference is established."""
-        return self.low > 0.0 or self.high < 0.0
-
-    def as_dict(self) -> dict[str, float | bool]:
-        return {"delta": round(self.delta, 3), "low": round(self.low, 3), "high": round(self.high, 3),
-                "resolved": self.resolved}
-
-    def cell(self) -> str:
-        mark = "" if self.resolved else " (unresolved)"
-        return f"{self.delta:+.2f} [{self.low:+.2f}, {self.high:+.2f}]{mark}"
-
-
-@dataclass
-class MapSamples:
-    """One model's mAP on the frames as they are and on every bootstrap resample of them."""
-
-    point: float
-    replicates: np.ndarray
-
-
-def bootstrap_map(table: MatchTable, weights: np.ndarray) -> MapSamples:
+def bootstrap_map(table: MatchTable, weights: np.ndarray) -> BootstrapSamples:
     """mAP of ``table`` on its frames and on each resample in ``weights`` ([draws, frames])."""
     if weights.shape[1] != table.frames:
         raise ValueError(f"resamples over {weights.shape[1]} frames for a table of {table.frames}: paired tables "
                          "must cover the same frames")
-    return MapSamples(mean_ap(table), np.array([mean_ap(table, w) for w in weights]))
-
-
-def paired_interval(a: Sequence[MapSamples], b: Sequence[MapSamples], level: float = 0.95, seed: int = 0
-                    ) -> Interval:
-    """Mean mAP of ``a`` minus mean mAP of ``b`` (x100), each a list of calibration draws (FP32: one),
-    with its bootstrap interval. Every replicate takes one resample of the frames, the same for all
-    samples (they must come from the same resamples), and a resample of each side's draws, so the
-    interval holds both the frames' and the calibration draws' share of the spread."""
-    if len({len(s.replicates) for s in (*a, *b)}) != 1:
-        raise ValueError("paired samples must come from the same bootstrap resamples")
-    rng = np.random.default_rng(seed)
-
-    def side(samples: Sequence[MapSamples]) -> np.ndarray:
-        table = np.stack([s.replicates for s in samples])  # [draws, replicates]
-        if len(samples) == 1:
-            return table[0]
-        picks = rng.integers(0, len(samples), size=table.shape)
-        return np.take_along_axis(table, picks, axis=0).mean(axis=0)
-
-    spread = 100.0 * (side(a) - side(b))
-    point = 100.0 * (np.mean([s.point for s in a]) - np.mean([s.point for s in b]))
-    tail = 100.0 * (1.0 - level) / 2.0
-    return Interval(float(point), float(np.percentile(spread, tail)), float(np.percentile(spread, 100 - tail)))
+    return BootstrapSamples(mean_ap(table), np.array([mean_ap(table, w) for w in weights]))

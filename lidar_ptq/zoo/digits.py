@@ -1,4 +1,5 @@
-"""A ResNet-style CNN and a small ViT for scikit-learn's bundled 8x8 digits.
+"""A ResNet-style CNN and a small ViT for scikit-learn's bundled 8x8 digits, and a harder variant of the
+task (turned, scaled, shifted, noisy digits) whose test set is large enough to rank quantizers.
 
 The digits set ships inside scikit-learn, so the core benchmark needs no
 download. Both models use only standard torch layers, so the generic
@@ -6,8 +7,11 @@ quantization path (not a model-specific one) is what gets measured.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,6 +26,32 @@ def load_digits_split(seed: int = 0, test_fraction: float = 1 / 3) -> dict[str, 
     n_test = int(len(labels) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return {"x_train": images[train], "y_train": labels[train], "x_test": images[test], "y_test": labels[test]}
+
+
+def distort(images: torch.Tensor, generator: torch.Generator, max_rotation: float = 20.0,
+            scale: tuple[float, float] = (0.85, 1.15), max_shift: float = 1.0, noise: float = 0.1) -> torch.Tensor:
+    """Each image turned (degrees), scaled and shifted (pixels) at random, plus Gaussian pixel noise: the
+    hard digits task, where a quantized model's errors are many enough to be counted."""
+    n, size = len(images), images.shape[-1]
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rotation)
+    factor = scale[0] + torch.rand(n, generator=generator) * (scale[1] - scale[0])
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 * max_shift / size)  # in [-1, 1] coordinates
+    cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, align_corners=False)
+    return (out + noise * torch.randn(out.shape, generator=generator)).clamp(0.0, 1.0)
+
+
+def load_hard_digits_split(seed: int = 0, test_copies: int = 10) -> dict[str, torch.Tensor]:
+    """The digits split with a distorted test set: every test image ``test_copies`` times, each copy
+    distorted by its own seeded draw (about 6000 test images). The training images stay clean; training
+    and calibration distort them on the fly."""
+    data = load_digits_split(seed)
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    data["x_test"] = distort(data["x_test"].repeat(test_copies, 1, 1, 1), generator)
+    data["y_test"] = data["y_test"].repeat(test_copies)
+    return data
 
 
 class BasicBlock(nn.Module):
@@ -107,8 +137,12 @@ MODELS = {"resnet": DigitsResNet, "vit": DigitsViT}
 
 
 @torch.no_grad()
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> np.ndarray:
+    """Per image: whether the model's top-1 class is the label (the items of a bootstrap interval)."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch]).argmax(1) == y[i:i + batch] for i in range(0, len(x), batch)]).numpy()
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
     """Top-1 accuracy in percent."""
-    model.eval()
-    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
-    return 100.0 * correct / len(x)
+    return 100.0 * float(correct(model, x, y, batch).mean())
