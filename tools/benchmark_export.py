@@ -41,7 +41,7 @@ from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batc
 from lidar_ptq.mmdet3d.deployed import deployed_parts
 from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate
 from lidar_ptq.mmdet3d.export import DenseNetwork, export_detector
-from lidar_ptq.mmdet3d.ptq import load_float_checkpoint, prepare, quantize_detector
+from lidar_ptq.mmdet3d.ptq import build_float_model, prepare, quantize_detector
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,15 +112,12 @@ def latency_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def fidelity_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from mmdet3d.registry import MODELS
     rows = []
     for kind, config in SYNTHETIC.items():
         cfg = Config.fromfile(str(config))
         ensure_synthetic_data(cfg)
         checkpoint = ROOT / "benchmarks" / "models" / f"centerpoint_{kind}_synthetic.pth"
-        model = MODELS.build(cfg.model)
-        load_float_checkpoint(model, checkpoint)
-        model.eval()
+        model = build_float_model(cfg, checkpoint)
         loader = build_test_loader(cfg, args.val_frames)
         start = time.perf_counter()
         fp32 = evaluate(model, loader, cfg.test_evaluator)["det/mAP"]

@@ -42,9 +42,9 @@ import lidar_ptq.mmdet3d  # noqa: F401  (registries)
 from lidar_ptq.lidar import LidarPTQConfig
 from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
-from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_frames
-from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map, match_frames
-from lidar_ptq.mmdet3d.ptq import load_float_checkpoint, quantize_detector
+from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_saving_matches
+from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map
+from lidar_ptq.mmdet3d.ptq import build_float_model, quantize_detector
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 from lidar_ptq.stats import BootstrapSamples, Interval, paired_interval, resample_weights
 
@@ -165,13 +165,6 @@ def merge_results(result: dict[str, Any], files: list[Path]) -> dict[str, Any]:
             else:
                 result["rows"].append(row)
     return result
-
-
-def build_model(cfg: Config, checkpoint: Path) -> torch.nn.Module:
-    from mmdet3d.registry import MODELS
-    model = MODELS.build(cfg.model)
-    load_float_checkpoint(model, checkpoint)
-    return model.eval()
 
 
 def ordered_rows(result: dict[str, Any], model: str) -> list[dict[str, Any]]:
@@ -362,9 +355,7 @@ def plot(result: dict[str, Any], prefix: Path) -> None:
 def evaluate_row(model: torch.nn.Module, loader: Any, cfg: Config, row: dict[str, Any], out: Path
                  ) -> dict[str, float]:
     """Evaluate ``model`` on the val frames, keep its per-frame matches for the intervals, return the metrics."""
-    metrics, frames = evaluate_frames(model, loader, cfg.test_evaluator)
-    classes = list(loader.dataset.metainfo["classes"])
-    match_frames(frames, classes).save(table_path(out, row))
+    metrics = evaluate_saving_matches(model, loader, cfg.test_evaluator, table_path(out, row))
     _SAMPLES.pop(table_path(out, row), None)
     return metrics
 
@@ -419,7 +410,7 @@ def main() -> int:
         ensure_synthetic_data(cfg, at_least={"val": args.val_frames})
         checkpoint = ROOT / "benchmarks" / "models" / f"centerpoint_{name}_synthetic.pth"
         loader = build_test_loader(cfg, args.val_frames)
-        float_model = build_model(cfg, checkpoint)
+        float_model = build_float_model(cfg, checkpoint)
         model_name = f"centerpoint_{name}_synthetic"
         fp32_row = next((r for r in result["rows"] if r["model"] == model_name and r["method"] == "fp32"), None)
         if fp32_row is None or not table_path(args.out, fp32_row).is_file():
@@ -450,7 +441,7 @@ def main() -> int:
                 else:
                     if batches is None:
                         batches = collect_batches(float_model, build_calibration_loader(cfg, args.calib_frames, seed))
-                    model = build_model(cfg, checkpoint)
+                    model = build_float_model(cfg, checkpoint)
                     outcome = quantize_detector(model, batches, recipe_from_dict(spec))
                     row = {"model": model_name, "method": method, "w_bits": w, "a_bits": a, "seed": seed,
                            "metric": "mAP", "fp32": fp32_row["value"], "seconds": outcome.seconds, "recipe": spec,

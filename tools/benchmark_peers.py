@@ -44,10 +44,10 @@ from mmengine.registry import init_default_scope
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
 from lidar_ptq.mmdet3d.adapter import DetectorAdapter
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
-from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_frames
+from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_saving_matches
 from lidar_ptq.mmdet3d.export import DenseNetwork, capture_part_inputs
-from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map, match_frames
-from lidar_ptq.mmdet3d.ptq import load_float_checkpoint
+from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map
+from lidar_ptq.mmdet3d.ptq import build_float_model
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 from lidar_ptq.stats import paired_interval, resample_weights
 
@@ -62,10 +62,7 @@ BOOTSTRAP_RESAMPLES = 1000
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    from mmdet3d.registry import MODELS
-    model = MODELS.build(cfg.model)
-    load_float_checkpoint(model, CHECKPOINT)
-    return model.eval()
+    return build_float_model(cfg, CHECKPOINT)
 
 
 def frames_path(out: Path, name: str) -> Path:
@@ -74,11 +71,7 @@ def frames_path(out: Path, name: str) -> Path:
 
 def evaluate(model: torch.nn.Module, loader: Any, cfg: Config, out: Path, name: str) -> float:
     """mAP on the val frames; the per-frame matches are kept for the intervals."""
-    metrics, frames = evaluate_frames(model, loader, cfg.test_evaluator)
-    path = frames_path(out, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    match_frames(frames, list(loader.dataset.metainfo["classes"])).save(path)
-    return float(metrics["det/mAP"])
+    return float(evaluate_saving_matches(model, loader, cfg.test_evaluator, frames_path(out, name))["det/mAP"])
 
 
 def bev_maps(adapter: DetectorAdapter, batches: list[Any]) -> list[torch.Tensor]:

@@ -51,10 +51,10 @@ from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.lidar.tgpl import TaskGuidedPositiveLoss
 from lidar_ptq.mmdet3d.adapter import DetectorAdapter
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
-from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_frames
+from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_saving_matches
 from lidar_ptq.mmdet3d.export import export_detector
-from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map, match_frames
-from lidar_ptq.mmdet3d.ptq import load_float_checkpoint, quantize_detector
+from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map
+from lidar_ptq.mmdet3d.ptq import build_float_model, quantize_detector
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 from lidar_ptq.quant.quantizer import QuantMode, temporary_quant_mode
 from lidar_ptq.stats import paired_interval, resample_weights
@@ -70,10 +70,7 @@ BOOTSTRAP_RESAMPLES = 1000
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    from mmdet3d.registry import MODELS
-    model = MODELS.build(cfg.model)
-    load_float_checkpoint(model, CHECKPOINT)
-    return model.eval()
+    return build_float_model(cfg, CHECKPOINT)
 
 
 def frames_path(out: Path, name: str) -> Path:
@@ -82,11 +79,7 @@ def frames_path(out: Path, name: str) -> Path:
 
 def evaluate(model: torch.nn.Module, loader: Any, cfg: Config, out: Path, name: str) -> float:
     """mAP on the val frames; the per-frame matches are kept for the intervals."""
-    metrics, frames = evaluate_frames(model, loader, cfg.test_evaluator)
-    path = frames_path(out, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    match_frames(frames, list(loader.dataset.metainfo["classes"])).save(path)
-    return float(metrics["det/mAP"])
+    return float(evaluate_saving_matches(model, loader, cfg.test_evaluator, frames_path(out, name))["det/mAP"])
 
 
 def onnx_latency_ms(path: Path, repeats: int = 20) -> float:

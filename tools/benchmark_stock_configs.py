@@ -75,7 +75,10 @@ def prepare(name: str, work: Path) -> tuple[Path, Path]:
     test.update(num_workers=0, persistent_workers=False)
     cfg.train_dataloader = test
     cfg.val_dataloader = test
-    cfg.test_evaluator = dict(type="CenterDistanceMAP", classes=list(cfg.get("class_names", [])) or None)
+    classes = list(cfg.get("class_names", []))
+    if frame == "waymo":
+        classes = [WAYMO_AS_NUSCENES[name] for name in classes]
+    cfg.test_evaluator = dict(type="CenterDistanceMAP", classes=classes or None)
     cfg.val_evaluator = cfg.test_evaluator
     path = work / f"{name}.py"
     Config(cfg.to_dict()).dump(str(path))
@@ -86,15 +89,20 @@ def prepare(name: str, work: Path) -> tuple[Path, Path]:
     return path, checkpoint
 
 
+# Waymo's classes under the nuScenes names of the sweep's annotations (the dataset maps labels by name)
+WAYMO_AS_NUSCENES = {"Car": "car", "Pedestrian": "pedestrian", "Cyclist": "bicycle"}
+
+
 def waymo_pipeline_on_nuscenes_sweep(dataset: Any) -> dict[str, Any]:
     """A Waymo test dataset turned into one that reads the nuScenes sweep (its info format) through the
-    Waymo test pipeline; the sweep file has 5 columns where Waymo's have 6 (the 6th is not used)."""
+    Waymo test pipeline; the sweep file has 5 columns where Waymo's have 6 (the 6th is not used); the
+    head's classes keep their order under the sweep's nuScenes names."""
     pipeline = [dict(step, load_dim=5) if step["type"] == "LoadPointsFromFile" else step
                 for step in dataset["pipeline"]]
     return dict(type="NuScenesDataset", data_root=dataset["data_root"], ann_file=dataset["ann_file"],
                 data_prefix=dict(pts="", sweeps=""), test_mode=True, pipeline=pipeline,
                 modality=dict(use_lidar=True, use_camera=False), box_type_3d="LiDAR",
-                metainfo=dataset.get("metainfo"))
+                metainfo=dict(classes=[WAYMO_AS_NUSCENES[name] for name in dataset["metainfo"]["classes"]]))
 
 
 def layer_types(names: list[str]) -> dict[str, int]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # the benchmark's models and configs
-from benchmark_lidar import CONFIGS, ROOT, build_model  # noqa: E402
+from benchmark_lidar import CONFIGS, ROOT  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope
 
@@ -37,7 +37,7 @@ from lidar_ptq.mmdet3d.adapter import DetectorAdapter
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
 from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate
 from lidar_ptq.mmdet3d.metrics import box_record, center_distance_map
-from lidar_ptq.mmdet3d.ptq import quantize_detector
+from lidar_ptq.mmdet3d.ptq import build_float_model, quantize_detector
 
 CHECKPOINT = ROOT / "benchmarks/models/centerpoint_pillar_synthetic.pth"
 RULES = ("maxmin", "lp2", "pct99.9", "pct99.99", "lp3")
@@ -69,7 +69,7 @@ def calibration_losses(quantized: DetectorAdapter, reference: DetectorAdapter, b
 def run_seed(seed: int, args: argparse.Namespace, rows: list[dict[str, Any]], out: Path) -> None:
     cfg = Config.fromfile(str(CONFIGS["pillar"]))
     loader = build_test_loader(cfg, args.val_frames)
-    reference = DetectorAdapter(build_model(cfg, CHECKPOINT))
+    reference = DetectorAdapter(build_float_model(cfg, CHECKPOINT))
     batches = collect_batches(reference.detector, build_calibration_loader(cfg, args.calib_frames, seed),
                               progress=False)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def run_seed(seed: int, args: argparse.Namespace, rows: list[dict[str, Any]], ou
                                         calib_frames=args.calib_frames)
                 recipe = config.recipe()
                 recipe.quant, recipe.select_loss = config.quant_config(rule), None  # this rule, BC unguarded
-                model = build_model(cfg, CHECKPOINT)
+                model = build_float_model(cfg, CHECKPOINT)
                 start = time.perf_counter()
                 quantize_detector(model, batches, recipe)
                 row = {"seed": seed, "sparse": sparse, "rule": rule, "bias_correction": bias_correction,

@@ -2,6 +2,7 @@
 quantize the same model many times."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from mmengine.evaluator import Evaluator
 from mmengine.runner import Runner
 
 from ..errors import CalibrationDataError
+from .intervals import match_frames
 from .metrics import CenterDistanceMAP
 
 
@@ -43,3 +45,12 @@ def evaluate_frames(model: torch.nn.Module, loader: Any, evaluator_cfg: Any) -> 
         evaluator.process(data_samples=model.test_step(data), data_batch=data)
     frames = [list(m.results) for m in evaluator.metrics if isinstance(m, CenterDistanceMAP)]
     return evaluator.evaluate(len(loader.dataset)), frames[0] if frames else []
+
+
+def evaluate_saving_matches(model: torch.nn.Module, loader: Any, evaluator_cfg: Any, path: Path) -> dict[str, float]:
+    """``evaluate``, and every detection's match on every frame saved to ``path`` (a ``MatchTable``), so
+    benchmark rows can later be compared by paired bootstrap intervals."""
+    metrics, frames = evaluate_frames(model, loader, evaluator_cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    match_frames(frames, list(loader.dataset.metainfo["classes"])).save(path)
+    return metrics

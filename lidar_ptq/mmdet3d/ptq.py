@@ -75,6 +75,14 @@ def load_float_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     detector.load_state_dict(state, strict=True)
 
 
+def build_float_model(cfg: Any, checkpoint: str | os.PathLike) -> nn.Module:
+    """The detector of an mmdet3d config with its float checkpoint loaded strictly, in eval mode."""
+    from mmdet3d.registry import MODELS
+    model = MODELS.build(cfg.model)
+    load_float_checkpoint(model, checkpoint)
+    return model.eval()
+
+
 def _unquantized_layers(adapter: nn.Module) -> list[str]:
     """Layers with weights of their own that stayed float (no fake-quant twin), also where a child of
     theirs was quantized (a parent's own weight still runs in float): reported, not fatal."""
