@@ -136,7 +136,7 @@ HARD_SETTINGS = [(4, 4), (2, 4)]
 HARD_METHODS = ["rtn_minmax", "rtn_mse", *RECON]
 # (published claim, better method, worse method): low-bit orderings reported by the BRECQ, QDrop and
 # FlexRound papers on ImageNet
-HARD_COMPARISONS = [("AdaRound over round-to-nearest", "adaround", "rtn_mse"),
+HARD_COMPARISONS = [("AdaRound over round-to-nearest", "adaround", "rtn_minmax"),
                     ("BRECQ over AdaRound", "brecq", "adaround"),
                     ("QDrop over BRECQ", "qdrop", "brecq"),
                     ("FlexRound over QDrop", "flexround", "qdrop")]
@@ -223,7 +223,8 @@ def run_hard(args: argparse.Namespace) -> int:
     result["meta"] = {
         "iterations": args.iterations, "calib_samples": args.calib_samples, "seeds": args.seeds,
         "fp32": result.get("meta", {}).get("fp32", {}), "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "load_before": os.getloadavg()[0],
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "load_before": result.get("meta", {}).get("load_before", os.getloadavg()[0]),
         "command": f"python tools/benchmark_core.py --task hard --models {' '.join(args.models)} "
                    f"--iterations {args.iterations} --seeds {' '.join(map(str, args.seeds))}",
         "note": (f"Hard digits: {len(data['y_test'])} distorted test images (every test digit 10 times, "

@@ -165,10 +165,11 @@ def intervals(result: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
     if not fp32_path.is_file():
         return {}
     weights = resample_weights(MatchTable.load(fp32_path).frames, BOOTSTRAP_RESAMPLES, seed=0)
-    base = bootstrap_map(MatchTable.load(fp32_path), weights)
+    base_table = MatchTable.load(fp32_path)
+    base = bootstrap_map(base_table, weights)
     lidar_ptq = [LIDAR_PTQ_FRAMES / f"lidar_ptq_w8a8_seed{s}.npz" for s in result["meta"]["seeds"]]
-    theirs = [bootstrap_map(MatchTable.load(p), weights) for p in lidar_ptq] if all(p.is_file() for p in lidar_ptq) \
-        else None
+    paired = all(p.is_file() and MatchTable.load(p).frames == base_table.frames for p in lidar_ptq)
+    theirs = [bootstrap_map(MatchTable.load(p), weights) for p in lidar_ptq] if paired else None
     found: dict[str, dict[str, Any]] = {}
     for peer in PEERS:
         paths = [frames_path(out, f"{peer}_seed{r['seed']}") for r in result["rows"]
