@@ -8,7 +8,9 @@ val frames and metric:
 - ``modelopt``: ``mtq.quantize(dense, mtq.INT8_DEFAULT_CFG, forward_loop)`` (per-channel weight max,
   per-tensor activation max);
 - ``aimet_quantsim``: ``QuantizationSimModel`` W8A8 with AIMET's default scheme and config
-  (``post_training_tf_enhanced``), encodings computed on the calibration frames;
+  (``post_training_tf_enhanced``), encodings computed on the calibration frames (mmcv's ConvTranspose2d
+  wrapper swapped for torch's and the head's unused loss modules set aside: AIMET refuses module types
+  it has no quantized definition for);
 - ``aimet_adaround``: AIMET's AdaRound (``Adaround.apply_adaround``, the same iterations per layer as
   the LiDAR-PTQ rows' reconstruction) and then the QuantSim above with the AdaRound weight encodings frozen.
 
@@ -99,6 +101,23 @@ def modelopt(dense: DenseNetwork, bevs: list[torch.Tensor], args: argparse.Names
     return mtq.quantize(dense, mtq.INT8_DEFAULT_CFG, forward_loop)
 
 
+def aimet_ready(dense: torch.nn.Module) -> torch.nn.Module:
+    """AIMET refuses module types it has no quantized definition for: mmcv's ConvTranspose2d wrapper (the
+    same operator as torch's) becomes torch's, and the head's loss modules (never called at inference)
+    are set aside."""
+    for parent in list(dense.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.ConvTranspose2d) and type(child) is not torch.nn.ConvTranspose2d:
+                plain = torch.nn.ConvTranspose2d(child.in_channels, child.out_channels, child.kernel_size,
+                                                 child.stride, child.padding, child.output_padding, child.groups,
+                                                 child.bias is not None, child.dilation)
+                plain.load_state_dict(child.state_dict())
+                setattr(parent, name, plain)
+            elif type(child).__name__.endswith("Loss"):
+                setattr(parent, name, None)
+    return dense
+
+
 def _quantsim(dense: torch.nn.Module, bevs: list[torch.Tensor], encodings: Path | None = None) -> Any:
     from aimet_torch.quantsim import QuantizationSimModel
 
@@ -111,7 +130,7 @@ def _quantsim(dense: torch.nn.Module, bevs: list[torch.Tensor], encodings: Path 
 
 def aimet_quantsim(dense: DenseNetwork, bevs: list[torch.Tensor], args: argparse.Namespace, work: Path
                    ) -> torch.nn.Module:
-    return _quantsim(dense, bevs)
+    return _quantsim(aimet_ready(dense), bevs)
 
 
 def aimet_adaround(dense: DenseNetwork, bevs: list[torch.Tensor], args: argparse.Namespace, work: Path
@@ -121,7 +140,7 @@ def aimet_adaround(dense: DenseNetwork, bevs: list[torch.Tensor], args: argparse
     params = AdaroundParameters(data_loader=[bev for bev in bevs], num_batches=len(bevs),
                                 default_num_iterations=args.adaround_iterations,
                                 forward_fn=lambda model, bev: model(bev))
-    rounded = Adaround.apply_adaround(dense, bevs[0], params, path=str(work), filename_prefix="adaround",
+    rounded = Adaround.apply_adaround(aimet_ready(dense), bevs[0], params, path=str(work), filename_prefix="adaround",
                                       default_param_bw=8)
     return _quantsim(rounded, bevs, work / "adaround.encodings")
 
