@@ -32,6 +32,7 @@ from mmengine.runner import Runner
 
 from lidar_ptq.errors import ConfigError, run_reporting_user_errors
 from lidar_ptq.lidar.recipes import resolve_recipe
+from lidar_ptq.mmdet3d.calibration import single_pass_pipeline
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 
 log = logging.getLogger("lidar_ptq.quantize")
@@ -110,6 +111,10 @@ def build_cfg(args: argparse.Namespace) -> Config:
                           "test_evaluator); pass a detector config, not a dataset or schedule base")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    for key in ("test_dataloader", "val_dataloader"):  # the float and quantized evaluations run one pass
+        dataset = (cfg.get(key) or {}).get("dataset") or {}
+        if dataset.get("pipeline") is not None:
+            dataset["pipeline"] = single_pass_pipeline(dataset["pipeline"])
     options = dict(args.recipe_options)
     if args.fp16_budget is not None:
         options["fp16_budget"] = args.fp16_budget

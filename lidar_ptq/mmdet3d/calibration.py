@@ -37,13 +37,34 @@ def _base_dataset_cfg(cfg: Any) -> dict[str, Any]:
     return dataset
 
 
+def single_pass_pipeline(pipeline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``pipeline`` with a one-augmentation ``MultiScaleFlipAug3D`` (scale 1, no flip) unrolled into its
+    transforms, which then do the same. The wrapper turns every frame into a list of augmentations,
+    which a detector's plain forward cannot take (mmdet3d runs such lists only through a TTA model);
+    several augmentations are refused."""
+    steps: list[dict[str, Any]] = []
+    for step in pipeline:
+        if step.get("type") != "MultiScaleFlipAug3D":
+            steps.append(step)
+            continue
+        ratios = step.get("pts_scale_ratio", 1.0)
+        ratios = list(ratios) if isinstance(ratios, (list, tuple)) else [ratios]
+        if step.get("flip", False) or ratios != [1] or step.get("pcd_horizontal_flip") or \
+                step.get("pcd_vertical_flip"):
+            raise ConfigError("the test pipeline's MultiScaleFlipAug3D runs several augmentations (test-time "
+                              "augmentation), which the PTQ tools do not run: set its flip=False and "
+                              "pts_scale_ratio=1, or use a pipeline without it")
+        steps.extend(copy.deepcopy(list(step.get("transforms", []))))
+    return steps
+
+
 def _test_pipeline(cfg: Any) -> list[dict[str, Any]]:
     for key in ("test_dataloader", "val_dataloader"):
         loader = cfg.get(key)
         if loader is not None and loader.get("dataset", {}).get("pipeline") is not None:
-            return copy.deepcopy(loader["dataset"]["pipeline"])
+            return single_pass_pipeline(copy.deepcopy(loader["dataset"]["pipeline"]))
     if cfg.get("test_pipeline") is not None:
-        return copy.deepcopy(cfg.test_pipeline)
+        return single_pass_pipeline(copy.deepcopy(cfg.test_pipeline))
     raise ConfigError("the config has no test pipeline (test_dataloader.dataset.pipeline or test_pipeline)")
 
 
