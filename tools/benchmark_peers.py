@@ -40,40 +40,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# the precision-plan benchmark's synthetic pillar model, val frames and per-frame matches (tools/ is on the path)
+from benchmark_precision_plan import CONFIG, MODEL, build_model, evaluate, frames_path
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
 from lidar_ptq.mmdet3d.adapter import DetectorAdapter
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
-from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_saving_matches
+from lidar_ptq.mmdet3d.evaluation import build_test_loader
 from lidar_ptq.mmdet3d.export import DenseNetwork, capture_part_inputs
 from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map
-from lidar_ptq.mmdet3d.ptq import build_float_model
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 from lidar_ptq.stats import paired_interval, resample_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs/synthetic/centerpoint_pillar_synthetic.py"
-CHECKPOINT = ROOT / "benchmarks/models/centerpoint_pillar_synthetic.pth"
-MODEL = "centerpoint_pillar_synthetic"
 # the LiDAR-PTQ default's per-frame matches, written by tools/benchmark_lidar.py (same frames, same draws)
 LIDAR_PTQ_FRAMES = ROOT / "benchmarks/frames/lidar_intervals" / MODEL
 PEERS = ("modelopt", "aimet_quantsim", "aimet_adaround")
 BOOTSTRAP_RESAMPLES = 1000
-
-
-def build_model(cfg: Config) -> torch.nn.Module:
-    return build_float_model(cfg, CHECKPOINT)
-
-
-def frames_path(out: Path, name: str) -> Path:
-    return out.parent / "frames" / out.stem / f"{name}.npz"
-
-
-def evaluate(model: torch.nn.Module, loader: Any, cfg: Config, out: Path, name: str) -> float:
-    """mAP on the val frames; the per-frame matches are kept for the intervals."""
-    return float(evaluate_saving_matches(model, loader, cfg.test_evaluator, frames_path(out, name))["det/mAP"])
 
 
 def bev_maps(adapter: DetectorAdapter, batches: list[Any]) -> list[torch.Tensor]:
@@ -183,8 +169,8 @@ def intervals(result: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
     fp32_path = frames_path(out, "fp32")
     if not fp32_path.is_file():
         return {}
-    weights = resample_weights(MatchTable.load(fp32_path).frames, BOOTSTRAP_RESAMPLES, seed=0)
     base_table = MatchTable.load(fp32_path)
+    weights = resample_weights(base_table.frames, BOOTSTRAP_RESAMPLES, seed=0)
     base = bootstrap_map(base_table, weights)
     lidar_ptq = [LIDAR_PTQ_FRAMES / f"lidar_ptq_w8a8_seed{s}.npz" for s in result["meta"]["seeds"]]
     paired = all(p.is_file() and MatchTable.load(p).frames == base_table.frames for p in lidar_ptq)

@@ -91,8 +91,9 @@ def sub_config(cls: type[Sub], value: Sub | Mapping[str, Any] | None, key: str) 
         return value
     if not isinstance(value, Mapping):
         raise RecipeError(f"'{key}' in the PTQ recipe must be a dict of {cls.__name__} settings, got {value!r}")
-    if cls is ReconstructionOptions:
-        return ReconstructionOptions.from_dict(value)  # type: ignore[return-value]
+    from_dict = getattr(cls, "from_dict", None)  # a sub-config whose recipe form is not its fields
+    if from_dict is not None:
+        return from_dict(value)
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(value) - valid)
     if unknown:

@@ -58,7 +58,8 @@ def _baseline(method: str, spec: Mapping[str, Any]) -> PTQRecipe:
 
 
 def _check_values(spec: Mapping[str, Any]) -> None:
-    """Bit-widths and reconstruction keys, checked before anything runs (not after the float evaluation)."""
+    """Bit-widths and the FP16 budget, checked before anything runs (not after the float evaluation); the
+    sub-configs check their own keys when they are built."""
     for key in ("w_bits", "a_bits"):
         value = spec.get(key, 8)
         if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
@@ -68,7 +69,6 @@ def _check_values(spec: Mapping[str, Any]) -> None:
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
         raise RecipeError(f"fp16_budget={budget!r} in the PTQ recipe: use a fraction > 0 of the all-INT8 task loss "
                           "(e.g. 0.3), or leave it out to deploy every layer in INT8")
-    sub_config(ReconstructionOptions, spec.get("recon"), "recon")
 
 
 # top-level keys a recipe might carry that belong to a sub-config, and where each is set
