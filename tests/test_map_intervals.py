@@ -1,4 +1,7 @@
 """Paired bootstrap intervals of mAP: matching once reproduces the devkit, resamples reweight frames."""
+import os
+import time
+
 import numpy as np
 import pytest
 from conftest import import_or_skip
@@ -6,7 +9,7 @@ from conftest import import_or_skip
 pytestmark = pytest.mark.mmdet3d
 import_or_skip("nuscenes")
 import_or_skip("mmdet3d")
-from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map, match_frames, mean_ap  # noqa: E402
+from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map, bootstrap_map_file, match_frames, mean_ap  # noqa: E402
 from lidar_ptq.mmdet3d.metrics import center_distance_map  # noqa: E402
 from lidar_ptq.stats import paired_interval, resample_weights  # noqa: E402
 
@@ -68,3 +71,19 @@ def test_paired_interval_resolves_a_real_gap_and_not_a_draw(tmp_path):
     assert mean_ap(MatchTable.load(tmp_path / "good.npz")) == mean_ap(good)
     with pytest.raises(ValueError, match="same frames"):
         bootstrap_map(match_frames(noisy_frames(50, 0.2, seed=3), CLASSES), weights)
+
+
+def test_kept_bootstrap_samples_follow_their_table_and_resamples(tmp_path):
+    path = tmp_path / "row.npz"
+    match_frames(noisy_frames(60, 0.3, seed=1), CLASSES).save(path)
+    weights = resample_weights(60, 50, seed=0)
+    first = bootstrap_map_file(path, weights)
+    assert (tmp_path / "row.bootstrap.npz").is_file()
+    again = bootstrap_map_file(path, weights)
+    assert again.point == first.point and np.array_equal(again.replicates, first.replicates)
+    other = resample_weights(60, 50, seed=1)  # other resamples: computed anew, not read back
+    assert not np.array_equal(bootstrap_map_file(path, other).replicates, first.replicates)
+    match_frames(noisy_frames(60, 1.5, seed=2), CLASSES).save(path)  # the table rewritten: computed anew
+    os.utime(path, ns=(time.time_ns() + 10**9,) * 2)
+    assert bootstrap_map_file(path, other).point == pytest.approx(mean_ap(MatchTable.load(path)))
+    assert bootstrap_map_file(path, other).point != pytest.approx(first.point)

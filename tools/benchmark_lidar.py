@@ -43,7 +43,7 @@ from lidar_ptq.lidar import LidarPTQConfig
 from lidar_ptq.lidar.recipes import recipe_from_dict
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
 from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_saving_matches
-from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map
+from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map_file
 from lidar_ptq.mmdet3d.ptq import build_float_model, quantize_detector
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 from lidar_ptq.stats import BootstrapSamples, Interval, paired_interval, resample_weights
@@ -211,7 +211,7 @@ def map_samples(path: Path, weights: np.ndarray) -> BootstrapSamples | None:
     if path not in _SAMPLES:
         if not path.is_file():
             return None
-        _SAMPLES[path] = bootstrap_map(MatchTable.load(path), weights)
+        _SAMPLES[path] = bootstrap_map_file(path, weights)
     return _SAMPLES[path]
 
 

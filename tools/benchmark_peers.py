@@ -51,7 +51,7 @@ from lidar_ptq.mmdet3d.adapter import DetectorAdapter
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
 from lidar_ptq.mmdet3d.evaluation import build_test_loader
 from lidar_ptq.mmdet3d.export import DenseNetwork, capture_part_inputs
-from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map
+from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map_file
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 from lidar_ptq.stats import paired_interval, resample_weights
 
@@ -171,17 +171,17 @@ def intervals(result: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
         return {}
     base_table = MatchTable.load(fp32_path)
     weights = resample_weights(base_table.frames, BOOTSTRAP_RESAMPLES, seed=0)
-    base = bootstrap_map(base_table, weights)
+    base = bootstrap_map_file(fp32_path, weights)
     lidar_ptq = [LIDAR_PTQ_FRAMES / f"lidar_ptq_w8a8_seed{s}.npz" for s in result["meta"]["seeds"]]
     paired = all(p.is_file() and MatchTable.load(p).frames == base_table.frames for p in lidar_ptq)
-    theirs = [bootstrap_map(MatchTable.load(p), weights) for p in lidar_ptq] if paired else None
+    theirs = [bootstrap_map_file(p, weights) for p in lidar_ptq] if paired else None
     found: dict[str, dict[str, Any]] = {}
     for peer in PEERS:
         paths = [frames_path(out, f"{peer}_seed{r['seed']}") for r in result["rows"]
                  if r["peer"] == peer and r["status"] == "ok"]
         if not paths or not all(p.is_file() for p in paths):
             continue
-        samples = [bootstrap_map(MatchTable.load(p), weights) for p in paths]
+        samples = [bootstrap_map_file(p, weights) for p in paths]
         found[peer] = {"fp32": paired_interval(samples, [base]).as_dict()}
         if theirs is not None:
             found[peer]["lidar_ptq"] = paired_interval(theirs, samples).as_dict()

@@ -53,7 +53,7 @@ from lidar_ptq.mmdet3d.adapter import DetectorAdapter
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
 from lidar_ptq.mmdet3d.evaluation import build_test_loader, evaluate_saving_matches
 from lidar_ptq.mmdet3d.export import export_detector
-from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map
+from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map_file
 from lidar_ptq.mmdet3d.ptq import build_float_model, quantize_detector
 from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 from lidar_ptq.quant.quantizer import QuantMode, temporary_quant_mode
@@ -179,12 +179,12 @@ def intervals(result: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:
     if not fp32_path.is_file():
         return {}
     weights = resample_weights(MatchTable.load(fp32_path).frames, BOOTSTRAP_RESAMPLES, seed=0)
-    base = bootstrap_map(MatchTable.load(fp32_path), weights)
+    base = bootstrap_map_file(fp32_path, weights)
     found = {}
     for budget in sorted({r["budget"] for r in result["rows"]}, reverse=True):
         paths = [frames_path(out, f"budget{budget:g}_seed{r['seed']}") for r in result["rows"] if r["budget"] == budget]
         if paths and all(p.is_file() for p in paths):
-            samples = [bootstrap_map(MatchTable.load(p), weights) for p in paths]
+            samples = [bootstrap_map_file(p, weights) for p in paths]
             found[f"{budget:g}"] = paired_interval(samples, [base]).as_dict()
     return found
 

@@ -9,6 +9,7 @@ their difference leaves out the frames' own difficulty, which both share.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -140,3 +141,20 @@ def bootstrap_map(table: MatchTable, weights: np.ndarray) -> BootstrapSamples:
         raise ValueError(f"resamples over {weights.shape[1]} frames for a table of {table.frames}: paired tables "
                          "must cover the same frames")
     return BootstrapSamples(mean_ap(table), np.array([mean_ap(table, w) for w in weights]))
+
+
+def bootstrap_map_file(path: Path, weights: np.ndarray) -> BootstrapSamples:
+    """``bootstrap_map`` of the match table saved at ``path``, kept beside it: a thousand resamples cost
+    seconds per table, and a report reads every table again each time a row is added. The kept samples
+    are used only while they are newer than the table and were drawn with the same resamples."""
+    cache = path.with_suffix(".bootstrap.npz")
+    digest = np.frombuffer(hashlib.sha256(np.ascontiguousarray(weights).tobytes()).digest(), dtype=np.uint8)
+    if cache.is_file() and cache.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+        with np.load(cache) as kept:
+            if np.array_equal(kept["weights_digest"], digest):
+                return BootstrapSamples(float(kept["point"]), kept["replicates"])
+    samples = bootstrap_map(MatchTable.load(path), weights)
+    tmp = cache.with_suffix(".tmp.npz")  # written whole, then renamed: a killed run leaves no half file
+    np.savez(tmp, point=samples.point, replicates=samples.replicates, weights_digest=digest)
+    tmp.replace(cache)
+    return samples
