@@ -148,3 +148,34 @@ def test_report_gives_intervals_against_fp32_and_for_each_stage(tmp_path):
     bench._SAMPLES.clear()
     bench.write_outputs(json.loads(out.read_text()), out)
     assert json.loads(out.read_text())["intervals"] == saved["intervals"]
+
+
+def test_earlier_rows_show_until_a_full_row_replaces_them_and_the_readme_table_follows_the_json(tmp_path):
+    model = "centerpoint_pillar_synthetic"
+
+    def row(method, value, w=8, seed=0, **extra):
+        return {"model": model, "method": method, "w_bits": w, "a_bits": 8, "seed": seed, "value": value,
+                "fp32": 0.74, "seconds": 1.0, **extra}
+    earlier = [row(m, 0.70 + 0.01 * s, seed=s, val_frames=100, calib_frames=16, iterations=40)
+               for m in ("qdrop", "lidar_ptq") for s in (0, 1)]
+    result = {"meta": {"note": "n", "seeds": [0, 1]}, bench.EARLIER: earlier,
+              "rows": [{**row("fp32", 0.7338), "w_bits": 32, "a_bits": 32}, row("lidar_ptq", 0.7321),
+                       row("lidar_ptq", 0.7301, seed=1)],
+              "intervals": {f"{model}|lidar_ptq|W8A8": {"delta": -0.27, "low": -0.62, "high": 0.22,
+                                                        "resolved": False}}}
+    table = "\n".join(bench.earlier_table(result, model))
+    assert "| qdrop | 8/8 | 100 | 16 x 40 | 70.00 / 71.00 | 70.50 +- 0.71 | -3.50 (no interval) |" in table
+    assert "lidar_ptq" not in table  # measured in full: the earlier rows give way
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{bench.README_BEGIN}\nold\n{bench.README_END}\nafter\n")
+    bench.update_readme(result, readme)
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{bench.README_END}\nafter\n")
+    assert "| Pillar (FP32 73.38) | W8A8 | **default LiDAR-PTQ** (the paper's stages + input equalization) " \
+           "| 73.11 | -0.27 [-0.62, +0.22] (unresolved) |" in text
+
+
+def test_readme_results_table_is_the_one_the_committed_json_renders():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(bench.README_BEGIN, 1)[1].split(bench.README_END, 1)[0].strip()
+    assert block == "\n".join(bench.readme_table(json.loads(bench.DEFAULT_OUT.read_text())))

@@ -83,6 +83,19 @@ ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equal
        [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq_paper", "lidar_ptq")] + \
        [(m, 4, 4) for m in ("maxmin", "qdrop", "lidar_ptq")]
 BOOTSTRAP_RESAMPLES = 1000
+DEFAULT_OUT = ROOT / "benchmarks" / "lidar.json"
+EARLIER = "rows_100_frames"  # rows measured on fewer val frames, without intervals, until a full row replaces them
+README = ROOT / "README.md"
+README_BEGIN, README_END = "<!-- lidar-results:begin -->", "<!-- lidar-results:end -->"
+README_ROWS = {  # the README's results table: which rows, under which name
+    ("paper:maxmin", 8, 8): "sparse max-min (the paper's first stage)",
+    ("lidar_ptq_paper", 8, 8): "the paper's recipe (`lidar_ptq_paper`: + range search, TGPL, AdaRound)",
+    ("lidar_ptq", 8, 8): "**default LiDAR-PTQ** (the paper's stages + input equalization)",
+    ("percentile+equalize+bias_correction", 8, 8): "percentile 99.99 + input equalization + bias correction "
+                                                   "(`percentile_eq_bc_w8a8`, no reconstruction)",
+    ("maxmin", 4, 8): "max-min", ("qdrop", 4, 8): "QDrop", ("lidar_ptq", 4, 8): "**default LiDAR-PTQ**",
+    ("maxmin", 4, 4): "max-min", ("qdrop", 4, 4): "QDrop", ("lidar_ptq", 4, 4): "**default LiDAR-PTQ**",
+}
 
 
 def selected_rows(methods: list[str] | None, bits: list[str] | None) -> list[tuple[str, int, int]]:
@@ -305,6 +318,54 @@ def range_rule_cell(scores: dict[str, float] | None) -> str:
     return f"{best} ({scores[best]:.3f})"
 
 
+def earlier_table(result: dict[str, Any], model: str) -> list[str]:
+    """Markdown rows of the rows measured on fewer val frames whose method and bits have no full row yet."""
+    full = {(r["method"], r["w_bits"], r["a_bits"]) for r in result["rows"] if r["model"] == model}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in result.get(EARLIER, []):
+        if row["model"] == model and (row["method"], row["w_bits"], row["a_bits"]) not in full:
+            key = (row["method"], row["w_bits"], row["a_bits"], row["val_frames"], row["calib_frames"],
+                   row["iterations"])
+            groups.setdefault(key, []).append(row)
+    if not groups:
+        return []
+    lines = ["| method | W/A | val frames | calibration frames x iterations | draws | mean +- std "
+             "| delta vs FP32 on those frames |", "|---|---|---|---|---|---|---|"]
+    for (method, w, a, frames, calib, iterations), group in groups.items():
+        mean, std = spread(group)
+        draws = " / ".join(f"{100 * r['value']:.2f}" for r in group)
+        lines.append(f"| {method} | {w}/{a} | {frames} | {calib} x {iterations} | {draws} | {100 * mean:.2f} +- "
+                     f"{100 * std:.2f} | {100 * (mean - group[0]['fp32']):+.2f} (no interval) |")
+    return lines
+
+
+def readme_table(result: dict[str, Any]) -> list[str]:
+    """The README's results table: the rows of ``README_ROWS`` that have an interval, per model and bits."""
+    intervals = result.get("intervals", {})
+    lines = ["| model | W/A | recipe | mAP (mean of draws) | delta vs FP32 [95% interval] |", "|---|---|---|---|---|"]
+    for model in sorted({r["model"] for r in result["rows"]}):
+        groups = {(g[0]["method"], g[0]["w_bits"], g[0]["a_bits"]): g for g in seed_groups(ordered_rows(result, model))}
+        fp32 = groups.get(("fp32", 32, 32))
+        name = model.removeprefix("centerpoint_").removesuffix("_synthetic").capitalize()
+        for key, label in README_ROWS.items():
+            group = groups.get(key)
+            if fp32 is None or group is None or group_label(group) not in intervals:
+                continue
+            lines.append(f"| {name} (FP32 {100 * fp32[0]['value']:.2f}) | W{key[1]}A{key[2]} | {label} "
+                         f"| {100 * spread(group)[0]:.2f} | {interval_cell(intervals[group_label(group)])} |")
+    return lines
+
+
+def update_readme(result: dict[str, Any], readme: Path) -> None:
+    """Put the results table between the README's markers (a README without them is left alone)."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    readme.write_text(head + README_BEGIN + "\n" + "\n".join(readme_table(result)) + "\n" + README_END + tail)
+
+
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     update_intervals(result, out)
     tmp = out.with_suffix(".json.tmp")
@@ -315,15 +376,22 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
              "Intervals: 95%, paired bootstrap over the val frames (both models on the same "
              f"{BOOTSTRAP_RESAMPLES} resamples) and over the calibration draws; 'unresolved' marks an interval "
              "that holds 0, a difference this benchmark cannot tell from noise.", ""]
-    for model in sorted({r["model"] for r in result["rows"]}):
-        lines += [f"## {model}", ""] + seed_table(ordered_rows(result, model), seeds, result.get("intervals", {}))
+    for model in sorted({r["model"] for r in [*result["rows"], *result.get(EARLIER, [])]}):
+        full = ordered_rows(result, model)
+        lines += [f"## {model}", ""] + (seed_table(full, seeds, result.get("intervals", {})) if full else [])
         stages = comparison_table(result.get("comparisons", {}), model)
         if stages:
             lines += ["", "Stages: the recipe with the stage minus the recipe without it (same frames, same draws).",
                       ""] + stages
+        earlier = earlier_table(result, model)
+        if earlier:
+            lines += ["", "Rows without a full measurement yet: fewer val frames, no interval (differences "
+                      "below about 0.7 mAP between these rows rank nothing).", ""] + earlier
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
     plot(result, out.with_suffix(""))
+    if out.resolve() == DEFAULT_OUT.resolve():
+        update_readme(result, README)
 
 
 def plot(result: dict[str, Any], prefix: Path) -> None:
@@ -372,7 +440,8 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                         help="calibration draws: every row runs once per seed (calibration frames, "
                              "reconstruction order)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "lidar.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the results JSON (the default one also "
+                        "writes the README's results table)")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown/plots from the JSON")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",

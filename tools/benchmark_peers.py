@@ -2,7 +2,7 @@
 
 Each peer quantizes the model's dense network (backbone, neck, head: the part TensorRT runs; the pillar
 encoder stays float in these rows) with its own INT8 default, calibrated on the same draws of 16
-training frames as the LiDAR-PTQ rows of ``benchmarks/lidar_intervals.json``, and is scored on the same
+training frames as the LiDAR-PTQ rows of ``benchmarks/lidar.json``, and is scored on the same
 val frames and metric:
 
 - ``modelopt``: ``mtq.quantize(dense, mtq.INT8_DEFAULT_CFG, forward_loop)`` (per-channel weight max,
@@ -57,7 +57,7 @@ from lidar_ptq.stats import paired_interval, resample_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 # the LiDAR-PTQ default's per-frame matches, written by tools/benchmark_lidar.py (same frames, same draws)
-LIDAR_PTQ_FRAMES = ROOT / "benchmarks/frames/lidar_intervals" / MODEL
+LIDAR_PTQ_FRAMES = ROOT / "benchmarks/frames/lidar" / MODEL
 PEERS = ("modelopt", "aimet_quantsim", "aimet_adaround")
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -261,7 +261,7 @@ def main() -> int:
                                f"{args.adaround_iterations} iterations per layer. mAP on the first "
                                f"{args.val_frames} val frames (nuScenes-style, centre distance 0.5/1/2/4 m); "
                                "intervals resample val frames and draws; the LiDAR-PTQ column pairs each peer "
-                               "with the default LiDAR-PTQ recipe of benchmarks/lidar_intervals.md.")}
+                               "with the default LiDAR-PTQ recipe of benchmarks/lidar.md.")}
     if "fp32_map" not in result["meta"] or not frames_path(args.out, "fp32").is_file():
         result["meta"]["fp32_map"] = evaluate(build_model(cfg), loader, cfg, args.out, "fp32")
         write_outputs(result, args.out)
