@@ -16,7 +16,7 @@ ARGS = argparse.Namespace(iterations=40, seed=0, output_loss_every=4, calib_fram
 def test_rows_filtered_by_method_and_bits_and_explicit_pairs_outside_the_table():
     assert bench.selected_rows(["lidar_ptq"], None) == [("lidar_ptq", 8, 8), ("lidar_ptq", 4, 8), ("lidar_ptq", 4, 4)]
     assert bench.selected_rows(None, ["w4a8"]) == [("maxmin", 4, 8), ("qdrop", 4, 8), ("lidar_ptq_paper", 4, 8),
-                                                   ("lidar_ptq", 4, 8)]
+                                                   ("lidar_ptq+tgpl+guards", 4, 8), ("lidar_ptq", 4, 8)]
     # both named: every pair, also rows the table only has at W8A8
     assert bench.selected_rows(["paper:+tgpl"], ["w4a8"]) == [("paper:+tgpl", 4, 8)]
 
@@ -24,14 +24,15 @@ def test_rows_filtered_by_method_and_bits_and_explicit_pairs_outside_the_table()
 def test_paper_recipe_rows_follow_the_recipe_file_and_same_recipes_are_found():
     spec = lambda method, w=8: bench.recipe_spec(method, w, 8, ARGS)  # noqa: E731
     paper = json.loads(bench.PAPER_RECIPE.read_text())
-    assert {k: spec("lidar_ptq_paper")[k] for k in ("equalize_inputs", "bias_correction", "guards", "ranges")} == \
-        {k: paper[k] for k in ("equalize_inputs", "bias_correction", "guards", "ranges")}
+    keys = ("equalize_inputs", "bias_correction", "guards", "tgpl", "ranges")
+    assert {k: spec("lidar_ptq_paper")[k] for k in keys} == {k: paper[k] for k in keys}
     assert spec("paper:maxmin")["range_search"] is False and spec("paper:+tgpl")["adaptive_rounding"] is False
     # explicit defaults resolve to the default: a leave-one-out row that leaves nothing out is the default
-    assert bench.same_recipe(spec("lidar_ptq"), {**spec("lidar_ptq"), "guards": True, "adaptive_rounding": True})
+    assert bench.same_recipe(spec("lidar_ptq"), {**spec("lidar_ptq"), "guards": False, "adaptive_rounding": True})
+    assert not bench.same_recipe(spec("lidar_ptq"), spec("lidar_ptq+guards"))
     for w in (8, 4):
         assert not bench.same_recipe(spec("lidar_ptq", w), spec("lidar_ptq_paper", w))
-        assert not bench.same_recipe(spec("lidar_ptq", w), spec("lidar_ptq+bias_correction-guards", w))
+        assert not bench.same_recipe(spec("lidar_ptq", w), spec("lidar_ptq+tgpl+bias_correction", w))
     assert not bench.same_recipe(spec("brecq"), spec("qdrop"))
     assert not bench.same_recipe({}, spec("qdrop"))
 
@@ -123,8 +124,8 @@ def test_report_gives_intervals_against_fp32_and_for_each_stage(tmp_path):
     model = "centerpoint_pillar_synthetic"
     fp32 = {"model": model, "method": "fp32", "w_bits": 32, "a_bits": 32, "value": 0.8, "fp32": 0.8, "seconds": 1.0}
     rows = [fp32]
-    with_bc = "lidar_ptq+bias_correction"
-    quality = {with_bc: 0.2, f"{with_bc}-guards": 0.2, "maxmin": 0.45}  # share of objects missed
+    with_bc, without = "lidar_ptq+tgpl+guards+bias_correction", "lidar_ptq+tgpl+bias_correction"
+    quality = {with_bc: 0.2, without: 0.2, "maxmin": 0.45}  # share of objects missed
     for method, misses in quality.items():
         for seed in (0, 1):
             row = {"model": model, "method": method, "w_bits": 8, "a_bits": 8, "seed": seed, "value": 0.7,
@@ -138,10 +139,10 @@ def test_report_gives_intervals_against_fp32_and_for_each_stage(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["intervals"][f"{model}|maxmin|W8A8"]["resolved"]
     assert saved["intervals"][f"{model}|maxmin|W8A8"]["high"] < 0
-    guards = saved["comparisons"][f"{model}|lidar_ptq+bias_correction|lidar_ptq+bias_correction-guards|W8A8"]
-    assert guards["stage"] == "guards" and guards["delta"] == 0.0 and not guards["resolved"]
+    guards = saved["comparisons"][f"{model}|{with_bc}|{without}|W8A8"]
+    assert guards["stage"].startswith("guards") and guards["delta"] == 0.0 and not guards["resolved"]
     text = out.with_suffix(".md").read_text()
-    assert f"| guards | {with_bc} | {with_bc}-guards | W8A8 | +0.00 [" in text and "(unresolved)" in text
+    assert f"| {guards['stage']} | {with_bc} | {without} | W8A8 | +0.00 [" in text and "(unresolved)" in text
     # without the per-frame matches (a clean clone) the report keeps the intervals the JSON holds
     import shutil
     shutil.rmtree(bench.frames_dir(out))
@@ -171,7 +172,7 @@ def test_earlier_rows_show_until_a_full_row_replaces_them_and_the_readme_table_f
     bench.update_readme(result, readme)
     text = readme.read_text()
     assert "old" not in text and text.endswith(f"{bench.README_END}\nafter\n")
-    assert "| Pillar (FP32 73.38) | W8A8 | **default LiDAR-PTQ** (the paper's stages + input equalization) " \
+    assert f"| Pillar (FP32 73.38) | W8A8 | {bench.README_ROWS[('lidar_ptq', 8, 8)]} " \
            "| 73.11 | -0.27 [-0.62, +0.22] (unresolved) |" in text
 
 

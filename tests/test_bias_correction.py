@@ -114,7 +114,8 @@ def test_every_shipped_recipe_file_loads(path):
     assert recipe.bias_correction == spec.get("bias_correction", False)
     equalized = spec.get("equalize_inputs", spec["method"] == "lidar_ptq")
     assert recipe.equalize == (("*voxel_encoder*",) if equalized else ())
-    assert recipe.guards == spec.get("guards", True)
+    assert recipe.guards == spec.get("guards", False)
+    assert (recipe.recon is not None and recipe.recon.output_loss is not None) == spec.get("tgpl", False)
 
 
 class _ScriptedLoss:

@@ -10,12 +10,12 @@ from lidar_ptq.lidar.recipes import load_recipe, resolve_recipe
 
 
 def test_a_recipe_dict_builds_the_recipe_its_config_builds():
-    spec = {"method": "lidar_ptq", "w_bits": 4, "calib_frames": 12, "bias_correction": True,
+    spec = {"method": "lidar_ptq", "w_bits": 4, "calib_frames": 12, "bias_correction": True, "tgpl": True,
             "equalize": {"patterns": ["backbone.*"], "alpha": 0.5},
             "ranges": {"rules": ["maxmin", "lp3"], "frames": 4},
             "task_loss": {"top_k": 50, "score_threshold": 0.2},
             "recon": {"frames": 6, "iterations": 30, "batch_size": 2}}
-    config = LidarPTQConfig(w_bits=4, calib_frames=12, bias_correction=True,
+    config = LidarPTQConfig(w_bits=4, calib_frames=12, bias_correction=True, tgpl=True,
                             equalize=EqualizeOptions(("backbone.*",), 0.5),
                             ranges=RangeSearchOptions(("maxmin", "lp3"), 4),
                             task_loss=TGPLConfig(top_k=50, score_threshold=0.2),

@@ -155,7 +155,8 @@ def test_reconstruction_is_undone_when_it_raises_the_task_loss(monkeypatch, sabo
         return report
     monkeypatch.setattr(pipeline, "reconstruct", reconstruct)
     model = copy.deepcopy(float_model)
-    report = run_ptq(model, data, LidarPTQConfig(**stages, recon={"iterations": 60, "progress": False}))
+    report = run_ptq(model, data, LidarPTQConfig(**stages, tgpl=True, guards=True,
+                                                 recon={"iterations": 60, "progress": False}))
     assert report.reconstruction is not None and set(report.recon_loss) == {"before", "after"}
     assert report.recon_kept == (report.recon_loss["after"] <= report.recon_loss["before"]) == (not sabotage)
     state, reference = model.state_dict(), calibrated.state_dict()
@@ -164,9 +165,9 @@ def test_reconstruction_is_undone_when_it_raises_the_task_loss(monkeypatch, sabo
         assert all(torch.equal(state[k], reference[k]) for k in state)
     else:
         assert any(not torch.equal(state[k], reference[k]) for k in reference)
-    if sabotage:  # without guards (the paper's recipe) the sabotaged reconstruction stays
+    if sabotage:  # without guards (the default) the sabotaged reconstruction stays
         unguarded = copy.deepcopy(float_model)
-        report = run_ptq(unguarded, data, LidarPTQConfig(**stages, guards=False,
+        report = run_ptq(unguarded, data, LidarPTQConfig(**stages, tgpl=True,
                                                                recon={"iterations": 60, "progress": False}))
         assert report.recon_kept and report.recon_loss == {}
         assert any(not torch.equal(unguarded.state_dict()[k], reference[k]) for k in reference)
@@ -189,7 +190,7 @@ def test_reconstruction_sees_the_untouched_float_model():
         patch.setattr(pipeline, "reconstruct", reconstruct)
         report = run_ptq(model, data, LidarPTQConfig(w_bits=4, a_bits=4, range_search=False, bias_correction=True,
                                                      recon={"iterations": 5, "progress": False}, calib_frames=8))
-    assert report.bias_correction_loss  # bias correction ran (after reconstruction)
+    assert report.bias_corrections  # bias correction ran (before reconstruction)
     with torch.no_grad():
         reference = float_model(data[0])
     assert all(torch.equal(a, b) for a, b in zip(reference[0].values(), seen[0][0].values()))

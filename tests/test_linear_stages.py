@@ -121,7 +121,8 @@ def test_one_pass_range_search_scores_every_candidate_as_a_calibrated_copy_would
     model = TinyBEVDetector().eval()
     data = [sparse_bev(s) for s in range(3)]
     cfg = LidarPTQConfig(w_bits=4, a_bits=4, tgpl=False, adaptive_rounding=False, calib_frames=6,
-                         equalize={"patterns": ("backbone.0",)}, ranges={"frames": 4}, bias_correction=True)
+                         equalize={"patterns": ("backbone.0",)}, ranges={"frames": 4}, bias_correction=True,
+                         guards=True)
     recipe = cfg.recipe()
     expected = per_candidate_search(copy.deepcopy(model), data, recipe)
     log = StageLog()
@@ -169,7 +170,7 @@ def test_reconstruction_fits_on_its_first_recon_frames(monkeypatch):
 
     monkeypatch.setattr(pipeline, "reconstruct", watched)
     data = [sparse_bev(s) for s in range(3)]  # two frames a batch
-    cfg = LidarPTQConfig(range_search=False, bias_correction=False, calib_frames=6,
+    cfg = LidarPTQConfig(range_search=False, bias_correction=False, tgpl=True, calib_frames=6,
                          recon={"frames": 3, "iterations": 2, "progress": False})
     report = run_ptq(TinyBEVDetector().eval(), data, cfg.recipe())
     assert seen == [(2, 2)]  # the first batches holding 3 frames

@@ -80,7 +80,7 @@ def test_tool_writes_metrics_checkpoint_and_params(quantized_run):
     for kind in ("fp32", "w8a8"):
         assert 0.0 <= metrics[kind]["det/mAP"] <= 1.0
         assert {"det/AP_car", "det/AP_pedestrian", "det/AP_bicycle"} <= set(metrics[kind])
-    assert metrics["recipe"] == "lidar_ptq_w8a8" and metrics["calib_frames"] == 3 and metrics["tgpl"] is True
+    assert metrics["recipe"] == "lidar_ptq_w8a8" and metrics["calib_frames"] == 3 and metrics["tgpl"] is False
     params = json.loads((work / "quant_params.json").read_text())["quantizers"]
     by_name = {p["name"]: p for p in params}
     pfn = by_name["pts_voxel_encoder.pfn_layers.0.linear.weight_quantizer"]

@@ -61,26 +61,32 @@ VARIANTS = {  # LiDAR-PTQ recipes as overrides of the package default
     "paper:+tgpl": {**PAPER, "adaptive_rounding": False},
     "lidar_ptq_paper": PAPER,
     "lidar_ptq": {},
-    "lidar_ptq-tgpl": {"tgpl": False},  # TGPL left out of the default (adaptive rounding on the local loss)
-    # the package's own stages, each measured beside bias correction (on in all three rows)
-    "lidar_ptq+bias_correction": {"bias_correction": True},
-    "lidar_ptq+bias_correction-equalize": {"bias_correction": True, "equalize_inputs": False},
-    "lidar_ptq+bias_correction-guards": {"bias_correction": True, "guards": False},
+    # the stages the default leaves out, measured by adding them back
+    "lidar_ptq+guards": {"guards": True},
+    "lidar_ptq+tgpl+guards": {"tgpl": True, "guards": True},
+    "lidar_ptq+tgpl+bias_correction": {"tgpl": True, "bias_correction": True},
+    "lidar_ptq+tgpl+guards+bias_correction": {"tgpl": True, "guards": True, "bias_correction": True},
+    "lidar_ptq+tgpl+guards+bias_correction-equalize": {"tgpl": True, "guards": True, "bias_correction": True,
+                                                       "equalize_inputs": False},
 }
 # (what is decided, recipe with it, recipe without it)
 COMPARISONS = [("range search (paper's chain)", "paper:+grid", "paper:maxmin"),
                ("TGPL (paper's chain)", "paper:+tgpl", "paper:+grid"),
                ("adaptive rounding (paper's chain)", "lidar_ptq_paper", "paper:+tgpl"),
                ("package default against the paper's recipe", "lidar_ptq", "lidar_ptq_paper"),
-               ("TGPL (inside the default)", "lidar_ptq", "lidar_ptq-tgpl"),
-               ("equalization", "lidar_ptq+bias_correction", "lidar_ptq+bias_correction-equalize"),
-               ("bias correction", "lidar_ptq+bias_correction", "lidar_ptq"),
-               ("guards", "lidar_ptq+bias_correction", "lidar_ptq+bias_correction-guards"),
+               ("TGPL (added to the default + guards)", "lidar_ptq+tgpl+guards", "lidar_ptq+guards"),
+               ("TGPL and guards (added to the default)", "lidar_ptq+tgpl+guards", "lidar_ptq"),
+               ("equalization (in the default + TGPL, guards, bias correction)",
+                "lidar_ptq+tgpl+guards+bias_correction", "lidar_ptq+tgpl+guards+bias_correction-equalize"),
+               ("bias correction (added to the default + TGPL, guards)", "lidar_ptq+tgpl+guards+bias_correction",
+                "lidar_ptq+tgpl+guards"),
+               ("guards (added to the default + TGPL, bias correction)", "lidar_ptq+tgpl+guards+bias_correction",
+                "lidar_ptq+tgpl+bias_correction"),
                ("package default against the strongest baseline", "lidar_ptq",
                 "percentile+equalize+bias_correction")]
 ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize+bias_correction", "brecq",
                             "qdrop", *VARIANTS)] + \
-       [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq_paper", "lidar_ptq")] + \
+       [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq_paper", "lidar_ptq+tgpl+guards", "lidar_ptq")] + \
        [(m, 4, 4) for m in ("maxmin", "qdrop", "lidar_ptq")]
 BOOTSTRAP_RESAMPLES = 1000
 DEFAULT_OUT = ROOT / "benchmarks" / "lidar.json"
@@ -90,7 +96,8 @@ README_BEGIN, README_END = "<!-- lidar-results:begin -->", "<!-- lidar-results:e
 README_ROWS = {  # the README's results table: which rows, under which name
     ("paper:maxmin", 8, 8): "sparse max-min (the paper's first stage)",
     ("lidar_ptq_paper", 8, 8): "the paper's recipe (`lidar_ptq_paper`: + range search, TGPL, AdaRound)",
-    ("lidar_ptq", 8, 8): "**default LiDAR-PTQ** (the paper's stages + input equalization)",
+    ("lidar_ptq", 8, 8): "**default LiDAR-PTQ** (sparse calibration, task-guided range search, input "
+                            "equalization, AdaRound)",
     ("percentile+equalize+bias_correction", 8, 8): "percentile 99.99 + input equalization + bias correction "
                                                    "(`percentile_eq_bc_w8a8`, no reconstruction)",
     ("maxmin", 4, 8): "max-min", ("qdrop", 4, 8): "QDrop", ("lidar_ptq", 4, 8): "**default LiDAR-PTQ**",

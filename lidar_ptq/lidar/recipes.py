@@ -54,7 +54,7 @@ def _baseline(method: str, spec: Mapping[str, Any]) -> PTQRecipe:
                      equalize_alpha=equalize.alpha, bias_correction=bool(spec.get("bias_correction", False)),
                      recon_frames=recon_options.frames,
                      select_loss=TaskGuidedPositiveLoss() if fp16_budget is not None else None,
-                     guards=fp16_budget is None, fp16_budget=fp16_budget)
+                     guards=False, fp16_budget=fp16_budget)
 
 
 def _check_values(spec: Mapping[str, Any]) -> None:
