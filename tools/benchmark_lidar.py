@@ -243,7 +243,17 @@ def group_label(group: list[dict[str, Any]]) -> str:
 def update_intervals(result: dict[str, Any], out: Path) -> None:
     """Intervals of every row group against FP32 and of every stage comparison, from the per-frame matches
     on disk; a group whose matches are missing keeps the interval the JSON already holds."""
-    intervals, comparisons = result.setdefault("intervals", {}), result.setdefault("comparisons", {})
+    labels = {group_label(g) for model in {r["model"] for r in result["rows"]}
+              for g in seed_groups(ordered_rows(result, model))}
+
+    def current(comparison: str) -> bool:
+        model, with_stage, without, bits = comparison.split("|")
+        return any((with_stage, without) == (w, wo) for _, w, wo in COMPARISONS) and \
+            {f"{model}|{with_stage}|{bits}", f"{model}|{without}|{bits}"} <= labels
+    # what no longer names a row group or a comparison (a renamed row) goes
+    result["intervals"] = {k: v for k, v in result.get("intervals", {}).items() if k in labels}
+    result["comparisons"] = {k: v for k, v in result.get("comparisons", {}).items() if current(k)}
+    intervals, comparisons = result["intervals"], result["comparisons"]
     for model in sorted({r["model"] for r in result["rows"]}):
         groups = seed_groups(ordered_rows(result, model))
         fp32 = [g for g in groups if g[0]["method"] == "fp32"]
@@ -299,11 +309,11 @@ def seed_table(rows: list[dict[str, Any]], seeds: list[int], intervals: dict[str
 
 def comparison_table(comparisons: dict[str, Any], model: str) -> list[str]:
     """Markdown rows: what each stage changes, recipe with it minus recipe without it, and whether resolved."""
-    entries = [(k.split("|"), v) for k, v in comparisons.items() if k.split("|")[0] == model]
+    order = [c[0] for c in COMPARISONS]
+    entries = [(k.split("|"), v) for k, v in comparisons.items() if k.split("|")[0] == model and v["stage"] in order]
     if not entries:
         return []
     lines = ["| stage | with | without | W/A | delta mAP [95% interval] |", "|---|---|---|---|---|"]
-    order = [c[0] for c in COMPARISONS]
     for (_, with_stage, without, bits), entry in sorted(entries, key=lambda e: (order.index(e[1]["stage"]), e[0][3])):
         lines.append(f"| {entry['stage']} | {with_stage} | {without} | {bits} | {interval_cell(entry)} |")
     return lines
@@ -385,7 +395,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
              "that holds 0, a difference this benchmark cannot tell from noise.", ""]
     for model in sorted({r["model"] for r in [*result["rows"], *result.get(EARLIER, [])]}):
         full = ordered_rows(result, model)
-        lines += [f"## {model}", ""] + (seed_table(full, seeds, result.get("intervals", {})) if full else [])
+        lines += [f"## {model}"] + (["", *seed_table(full, seeds, result.get("intervals", {}))] if full else [])
         stages = comparison_table(result.get("comparisons", {}), model)
         if stages:
             lines += ["", "Stages: the recipe with the stage minus the recipe without it (same frames, same draws).",
