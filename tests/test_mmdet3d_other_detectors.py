@@ -35,7 +35,7 @@ def test_anchor_head_is_judged_and_guarded_by_its_own_positives(caplog):
     model = MODELS.build(cfg.model).eval()
     batches = random_frames(model, n=1)
     recipe = {"method": "lidar_ptq", "calib_frames": 1, "ranges": {"rules": ["maxmin", "pct99.9"]},
-              "bias_correction": True,
+              "bias_correction": True, "guards": True,
               "recon": {"iterations": 1, "progress": False, "unit_names": ["bbox_head.conv_cls"]}}
     with caplog.at_level(logging.WARNING):
         result = quantize_detector(model, batches, recipe)
