@@ -223,16 +223,10 @@ def table_path(out: Path, row: dict[str, Any]) -> Path:
     return frames_dir(out) / row["model"] / f"{name}.npz"
 
 
-_SAMPLES: dict[Path, BootstrapSamples] = {}
-
-
 def map_samples(path: Path, weights: np.ndarray) -> BootstrapSamples | None:
-    """A row's mAP on the val frames and on every bootstrap resample (None if its matches are missing)."""
-    if path not in _SAMPLES:
-        if not path.is_file():
-            return None
-        _SAMPLES[path] = bootstrap_map_file(path, weights)
-    return _SAMPLES[path]
+    """A row's mAP on the val frames and on every bootstrap resample (None if its matches are missing); the
+    samples kept beside the matches are reused until the matches are rewritten."""
+    return bootstrap_map_file(path, weights) if path.is_file() else None
 
 
 def group_label(group: list[dict[str, Any]]) -> str:
@@ -440,9 +434,7 @@ def plot(result: dict[str, Any], prefix: Path) -> None:
 def evaluate_row(model: torch.nn.Module, loader: Any, cfg: Config, row: dict[str, Any], out: Path
                  ) -> dict[str, float]:
     """Evaluate ``model`` on the val frames, keep its per-frame matches for the intervals, return the metrics."""
-    metrics = evaluate_saving_matches(model, loader, cfg.test_evaluator, table_path(out, row))
-    _SAMPLES.pop(table_path(out, row), None)
-    return metrics
+    return evaluate_saving_matches(model, loader, cfg.test_evaluator, table_path(out, row))
 
 
 def main() -> int:
