@@ -135,7 +135,7 @@ def test_run_ptq_keeps_bias_correction_only_when_the_task_loss_drops(before, aft
     model = TinyBEV().eval()
     original = {n: m.bias.detach().clone() for n, m in model.named_children() if isinstance(m, nn.Conv2d)}
     frames = bev_frames()
-    recipe = PTQRecipe("w8a8_bc", {"input": {"bits": 8}}, calib_frames=12, bias_correction=True,
+    recipe = PTQRecipe("w8a8_bc", {"input": {"bits": 8}}, calib_frames=12, bias_correction=True, guards=True,
                        select_loss=_ScriptedLoss([before, after], len(frames)))
     report = run_ptq(model, frames, recipe)
     assert report.bias_correction_loss == {"before": before, "after": after}

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
-import torch
+from machine import describe_machine
 
 from lidar_ptq.demo import format_rows, parse_wa, run_demo
 
@@ -29,7 +28,7 @@ def main() -> int:
         result = run_demo(w, a, args.calib_batches, args.seed)
         rows += [{"model": result["meta"]["model"], **row, "metric": "output_sqnr_db"} for row in result["rows"]]
         meta = result["meta"]
-    meta.update({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+    meta.update({**describe_machine(load=False),
                  "total_seconds": round(time.perf_counter() - start, 1),
                  "command": "python tools/benchmark_calibration.py"})
     args.out_dir.mkdir(parents=True, exist_ok=True)

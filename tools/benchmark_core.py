@@ -22,13 +22,13 @@ import argparse
 import json
 import logging
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from machine import describe_machine
 
 import lidar_ptq
 from lidar_ptq.recon.engine import ReconConfig, reconstruct
@@ -222,8 +222,7 @@ def run_hard(args: argparse.Namespace) -> int:
         result["rows"] = []
     result["meta"] = {
         "iterations": args.iterations, "calib_samples": args.calib_samples, "seeds": args.seeds,
-        "fp32": result.get("meta", {}).get("fp32", {}), "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "fp32": result.get("meta", {}).get("fp32", {}), **describe_machine(),
         "load_before": result.get("meta", {}).get("load_before", os.getloadavg()[0]),
         "command": f"python tools/benchmark_core.py --task hard --models {' '.join(args.models)} "
                    f"--iterations {args.iterations} --seeds {' '.join(map(str, args.seeds))}",
@@ -286,7 +285,7 @@ def main() -> int:
     data = load_digits_split(args.seed)
     calib = list(data["x_train"][: args.calib_samples].split(64))
     meta = {"iterations": args.iterations, "calib_samples": args.calib_samples, "seed": args.seed,
-            "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+            **describe_machine(),
             "command": "python tools/benchmark_core.py " + f"--iterations {args.iterations}",
             "vit_softmax": "log2 grid at A4 (variant rows: uniform), uniform at A8",
             "weights_activations": "asymmetric, per-channel weights, per-tensor activations"}

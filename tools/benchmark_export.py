@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from machine import describe_machine
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
@@ -193,8 +193,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     init_default_scope("mmdet3d")
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "onnxruntime": ort.__version__, "torch": torch.__version__, "threads": args.threads, "runs": args.runs,
+    meta = {**describe_machine(), "onnxruntime": ort.__version__, "threads": args.threads, "runs": args.runs,
             "val_frames": args.val_frames, "calib_frames": args.calib_frames, "seed": args.seed}
     rows = []
     rows += latency_rows(args) if not args.skip_latency else [r for r in previous["rows"]

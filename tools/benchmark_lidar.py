@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from machine import describe_machine
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
@@ -467,8 +467,7 @@ def main() -> int:
     init_default_scope("mmdet3d")
     meta = {"val_frames": args.val_frames, "calib_frames": args.calib_frames, "iterations": args.iterations,
             "output_loss_every": args.output_loss_every, "seed": args.seeds[0], "seeds": args.seeds,
-            "torch": torch.__version__,
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            **describe_machine(),
             "note": (f"Synthetic LiDAR val set, first {args.val_frames} frames; {args.calib_frames} calibration "
                      f"frames from the training set per draw (draws {', '.join(map(str, args.seeds))}: other "
                      f"frames and reconstruction order); reconstruction {args.iterations} iterations per unit "
@@ -477,7 +476,7 @@ def main() -> int:
     result = {"meta": meta, "rows": []}
     if args.out.is_file() and not args.fresh:
         previous = json.loads(args.out.read_text())
-        same = [k for k in meta if k not in ("machine", "note", "seeds")]
+        same = [k for k in meta if k not in ("machine", "load_before", "note", "seeds")]
         if all(previous["meta"].get(k) == meta[k] for k in same):
             result = previous
             result["meta"]["seeds"] = sorted(set(previous["meta"].get("seeds", [])) | set(args.seeds))

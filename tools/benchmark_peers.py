@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import tempfile
 import time
 import traceback
@@ -43,6 +41,7 @@ import torch
 
 # the precision-plan benchmark's synthetic pillar model, val frames and per-frame matches (tools/ is on the path)
 from benchmark_precision_plan import CONFIG, MODEL, build_model, evaluate, frames_path
+from machine import describe_machine
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
@@ -247,10 +246,7 @@ def main() -> int:
         result["meta"] = {**result.get("meta", {}), "environment": args.note}
     result["meta"] = {**result.get("meta", {}), "val_frames": args.val_frames, "calib_frames": args.calib_frames,
                       "seeds": args.seeds, "adaround_iterations": args.adaround_iterations,
-                      "torch": torch.__version__,
-                      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                                 f"{torch.get_num_threads()} threads",
-                      "load_before": os.getloadavg()[0],
+                      **describe_machine(),
                       "command": f"python tools/benchmark_peers.py --peers {' '.join(args.peers)} "
                                  f"--seeds {' '.join(map(str, args.seeds))} --val-frames {args.val_frames}",
                       "note": ("Synthetic CenterPoint-Pillar; each peer quantizes the dense network (backbone, "

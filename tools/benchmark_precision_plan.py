@@ -20,8 +20,6 @@ import argparse
 import copy
 import json
 import logging
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,6 +31,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from machine import describe_machine
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
@@ -253,10 +252,7 @@ def main() -> int:
     loader = build_test_loader(cfg, args.val_frames)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
     result["meta"] = {**result.get("meta", {}), "val_frames": args.val_frames, "calib_frames": args.calib_frames,
-                      "recipe": RECIPE, "torch": torch.__version__, "onnxruntime": ort.__version__,
-                      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                                 f"{torch.get_num_threads()} threads",
-                      "load_before": os.getloadavg()[0],
+                      "recipe": RECIPE, "onnxruntime": ort.__version__, **describe_machine(),
                       "command": "python tools/benchmark_precision_plan.py "
                                  f"--budgets {' '.join(f'{b:g}' for b in args.budgets)} "
                                  f"--seeds {' '.join(map(str, args.seeds))} --val-frames {args.val_frames}",

@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT.parent / "shared" / "data" / "nuscenes_demo"
@@ -299,8 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python tools/benchmark_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"recipe": args.recipe, "recipe_options": options, "seed": args.seed, "export": args.export,
             "commands": [command.strip()],
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-                       f"{os.environ.get('OMP_NUM_THREADS', 'default')}, {platform.python_version()}"}
+            "machine": describe_machine()["machine"]}
     result = {"meta": meta, "rows": [], "runs": []}
     if out.is_file() and not args.fresh:
         result = json.loads(out.read_text())

@@ -28,6 +28,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from machine import describe_machine
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 FRAMES = {"nus": (DATA / "nuscenes_demo", "nuscenes_demo_infos.pkl"),
@@ -158,7 +160,7 @@ def run_one(name: str) -> dict[str, Any]:
 def write_report(rows: list[dict[str, Any]], out: Path, note: str = "") -> None:
     out.write_text(json.dumps({"meta": {"command": "python tools/benchmark_stock_configs.py",
                                         "budget": " ".join(TINY_BUDGET), "weights": "seeded random (torch seed 0)",
-                                        "machine": f"{os.cpu_count()} CPU cores", "note": note},
+                                        **describe_machine(load=False), "note": note},
                                "rows": rows}, indent=1))
     lines = ["# Stock mmdet3d LiDAR configs through tools/quantize.py --export", "",
              "Seeded random weights; one real frame (calibration and test); default LiDAR-PTQ recipe with "

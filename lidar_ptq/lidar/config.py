@@ -43,7 +43,7 @@ class PTQRecipe:
     bias_correction: bool = False
     search_frames: int | None = 16  # the range search judges on this many frames (bounds its cost)
     recon_frames: int | None = None  # reconstruction fits on this many frames (bounds its memory)
-    guards: bool = True
+    guards: bool = False  # undo bias correction / reconstruction when they raise the task loss
     fp16_budget: float | None = None  # plan FP16 layers to this fraction of the all-INT8 task loss
 
 

@@ -48,13 +48,13 @@ def _baseline(method: str, spec: Mapping[str, Any]) -> PTQRecipe:
         raise RecipeError(f"method {method!r} does not reconstruct; drop 'recon' or use brecq/qdrop/lidar_ptq")
     equalize = sub_config(EqualizeOptions, spec.get("equalize"), "equalize")
     fp16_budget = spec.get("fp16_budget")
-    # a precision plan needs the task loss; it must not start guarding the baseline's own stages
+    # a precision plan needs the task loss; the baseline's own stages stay unguarded (PTQRecipe's default)
     return PTQRecipe(f"{method}_w{w_bits}a{a_bits}", quant, recon, False, int(spec.get("calib_frames", 256)),
                      dict(spec), equalize=tuple(equalize.patterns) if spec.get("equalize_inputs") else (),
                      equalize_alpha=equalize.alpha, bias_correction=bool(spec.get("bias_correction", False)),
                      recon_frames=recon_options.frames,
                      select_loss=TaskGuidedPositiveLoss() if fp16_budget is not None else None,
-                     guards=False, fp16_budget=fp16_budget)
+                     fp16_budget=fp16_budget)
 
 
 def _check_values(spec: Mapping[str, Any]) -> None:
