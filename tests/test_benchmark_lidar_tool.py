@@ -16,7 +16,8 @@ ARGS = argparse.Namespace(iterations=40, seed=0, output_loss_every=4, calib_fram
 def test_rows_filtered_by_method_and_bits_and_explicit_pairs_outside_the_table():
     assert bench.selected_rows(["lidar_ptq"], None) == [("lidar_ptq", 8, 8), ("lidar_ptq", 4, 8), ("lidar_ptq", 4, 4)]
     assert bench.selected_rows(None, ["w4a8"]) == [("maxmin", 4, 8), ("qdrop", 4, 8), ("lidar_ptq_paper", 4, 8),
-                                                   ("lidar_ptq+tgpl+guards", 4, 8), ("lidar_ptq", 4, 8)]
+                                                   ("lidar_ptq+tgpl+guards", 4, 8), ("lidar_ptq", 4, 8),
+                                                   ("lidar_ptq@64x200", 4, 8)]
     # both named: every pair, also rows the table only has at W8A8
     assert bench.selected_rows(["paper:+tgpl"], ["w4a8"]) == [("paper:+tgpl", 4, 8)]
 
@@ -179,3 +180,25 @@ def test_readme_results_table_is_the_one_the_committed_json_renders():
     readme = (ROOT / "README.md").read_text()
     block = readme.split(bench.README_BEGIN, 1)[1].split(bench.README_END, 1)[0].strip()
     assert block == "\n".join(bench.readme_table(json.loads(bench.DEFAULT_OUT.read_text())))
+
+
+def test_budget_rows_run_their_method_with_their_own_frames_and_iterations():
+    default, larger = bench.recipe_spec("lidar_ptq", 4, 8, ARGS), bench.recipe_spec("lidar_ptq@64x200", 4, 8, ARGS)
+    assert (default["calib_frames"], default["recon"]["iterations"]) == (16, 40)
+    assert (larger["calib_frames"], larger["recon"]["iterations"]) == (64, 200)
+    assert {k: v for k, v in larger.items() if k not in ("calib_frames", "recon")} == \
+        {k: v for k, v in default.items() if k not in ("calib_frames", "recon")}
+    assert ("lidar_ptq@64x200", 4, 8) in bench.selected_rows(None, ["w4a8"])
+    with pytest.raises(ValueError, match="<frames>x<iterations>"):
+        bench.recipe_spec("lidar_ptq@64", 4, 8, ARGS)
+
+
+def test_a_table_run_with_other_settings_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "lidar.json"
+    out.write_text(json.dumps({"meta": {"val_frames": 1000, "calib_frames": 16, "iterations": 200,
+                                        "output_loss_every": 4, "seed": 0, "seeds": [0]}, "rows": []}))
+    before = out.read_text()
+    monkeypatch.setattr("sys.argv", ["benchmark_lidar.py", "--out", str(out), "--iterations", "40", "--seeds", "1"])
+    assert bench.main() == 2
+    assert out.read_text() == before
+    assert "iterations 200" in capsys.readouterr().err

@@ -9,10 +9,12 @@ the same way: the paper's chain (sparse max-min -> +grid search of the clipping 
 +adaptive rounding = ``lidar_ptq_paper``) and this package's default without each of its own stages.
 
 Rows (W8A8): maxmin, entropy, percentile, percentile+equalize+bias_correction, brecq, qdrop, the paper's
-chain, lidar_ptq and the variants that measure its own stages; W4A8: maxmin, qdrop, lidar_ptq_paper, lidar_ptq; W4A4:
-maxmin, qdrop, lidar_ptq. Every method sees the same calibration frames and reconstruction budget. Rows
-are appended to the JSON as they finish (a killed run resumes); the markdown and plots are rewritten
-from it. Per-frame matches (for the intervals) are kept under ``benchmarks/frames/<json stem>/``.
+chain, lidar_ptq and the variants that measure its own stages; W4A8: maxmin, qdrop, lidar_ptq_paper, lidar_ptq,
+lidar_ptq@64x200; W4A4: maxmin, qdrop, lidar_ptq. Every method sees the same calibration frames and
+reconstruction budget, except a row named ``<method>@<frames>x<iterations>``, which measures what a larger
+budget buys. Rows are appended to the JSON as they finish (a killed run resumes; a table run with other
+settings is refused, not overwritten); the markdown and plots are rewritten from it. Per-frame matches
+(for the intervals) are kept under ``benchmarks/frames/<json stem>/``.
 
     python tools/benchmark_lidar.py [--models pillar voxel] [--val-frames 1000] [--calib-frames 16]
                                     [--iterations 40] [--seeds 0 1 2] [--rows METHOD ...] [--bits w4a8 ...]
@@ -28,6 +30,7 @@ import dataclasses
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,9 @@ VARIANTS = {  # LiDAR-PTQ recipes as overrides of the package default
     "lidar_ptq+tgpl+guards+bias_correction-equalize": {"tgpl": True, "guards": True, "bias_correction": True,
                                                        "equalize_inputs": False},
 }
+# a row named "<method>@<frames>x<iterations>" runs <method> with that calibration budget instead of the
+# table's (--calib-frames, --iterations): what a larger budget buys, on the same val frames and draws
+BUDGET_MARK = "@"
 # (what is decided, recipe with it, recipe without it)
 COMPARISONS = [("range search (paper's chain)", "paper:+grid", "paper:maxmin"),
                ("TGPL (paper's chain)", "paper:+tgpl", "paper:+grid"),
@@ -83,12 +89,15 @@ COMPARISONS = [("range search (paper's chain)", "paper:+grid", "paper:maxmin"),
                ("guards (added to the default + TGPL, bias correction)", "lidar_ptq+tgpl+guards+bias_correction",
                 "lidar_ptq+tgpl+bias_correction"),
                ("package default against the strongest baseline", "lidar_ptq",
-                "percentile+equalize+bias_correction")]
+                "percentile+equalize+bias_correction"),
+               ("64 calibration frames x 200 iterations instead of 16 x 40", "lidar_ptq@64x200", "lidar_ptq")]
 ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize+bias_correction", "brecq",
                             "qdrop", *VARIANTS)] + \
-       [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq_paper", "lidar_ptq+tgpl+guards", "lidar_ptq")] + \
+       [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq_paper", "lidar_ptq+tgpl+guards", "lidar_ptq",
+                            "lidar_ptq@64x200")] + \
        [(m, 4, 4) for m in ("maxmin", "qdrop", "lidar_ptq")]
 BOOTSTRAP_RESAMPLES = 1000
+SETTINGS = ("val_frames", "calib_frames", "iterations", "output_loss_every")  # rows of one table share them
 DEFAULT_OUT = ROOT / "benchmarks" / "lidar.json"
 EARLIER = "rows_100_frames"  # rows measured on fewer val frames, without intervals, until a full row replaces them
 README = ROOT / "README.md"
@@ -132,8 +141,20 @@ def same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return split(a) == split(b)
 
 
+def split_budget(method: str, args: argparse.Namespace) -> tuple[str, int, int]:
+    """A row name's method and its calibration frames and iterations (the table's unless the name sets them)."""
+    if BUDGET_MARK not in method:
+        return method, args.calib_frames, args.iterations
+    base, budget = method.split(BUDGET_MARK, 1)
+    frames, _, iterations = budget.partition("x")
+    if not (frames.isdigit() and iterations.isdigit()):
+        raise ValueError(f"row {method!r}: write the budget as {base}{BUDGET_MARK}<frames>x<iterations>")
+    return base, int(frames), int(iterations)
+
+
 def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace, seed: int | None = None) -> dict[str, Any]:
-    recon = {"iterations": args.iterations, "batch_size": 4, "seed": args.seed if seed is None else seed}
+    method, calib_frames, iterations = split_budget(method, args)
+    recon = {"iterations": iterations, "batch_size": 4, "seed": args.seed if seed is None else seed}
     if method in VARIANTS:
         spec = {"method": "lidar_ptq", "w_bits": w, "a_bits": a, **VARIANTS[method]}
         recon["output_loss_every"] = args.output_loss_every
@@ -148,7 +169,7 @@ def recipe_spec(method: str, w: int, a: int, args: argparse.Namespace, seed: int
             spec["bias_correction"] = True
     if method in ("brecq", "qdrop") or spec["method"] == "lidar_ptq":
         spec["recon"] = recon
-    spec["calib_frames"] = args.calib_frames
+    spec["calib_frames"] = calib_frames
     return spec
 
 
@@ -164,10 +185,9 @@ def merge_results(result: dict[str, Any], files: list[Path]) -> dict[str, Any]:
     Files must share the settings (frames, iterations, ...); the seed may differ, since every merged row is
     stamped with the seed it ran with. FP32 does not depend on the seed: a model's first FP32 row stays."""
     key = lambda r: row_key(r, result["meta"].get("seed", 0))  # noqa: E731
-    settings = [k for k in result["meta"] if k not in ("machine", "note", "seed", "seeds")]
     for path in files:
         other = json.loads(path.read_text())
-        differ = [k for k in settings if other["meta"].get(k) != result["meta"][k]]
+        differ = [k for k in SETTINGS if other["meta"].get(k) != result["meta"].get(k)]
         if differ:
             raise ValueError(f"{path} ran with other settings ({', '.join(differ)}); rerun it with the same "
                              "--val-frames/--calib-frames/--iterations/--output-loss-every")
@@ -476,11 +496,15 @@ def main() -> int:
     result = {"meta": meta, "rows": []}
     if args.out.is_file() and not args.fresh:
         previous = json.loads(args.out.read_text())
-        same = [k for k in meta if k not in ("machine", "load_before", "note", "seeds")]
-        if all(previous["meta"].get(k) == meta[k] for k in same):
-            result = previous
-            result["meta"]["seeds"] = sorted(set(previous["meta"].get("seeds", [])) | set(args.seeds))
-    default_seed = meta["seed"]
+        differ = [k for k in SETTINGS if previous["meta"].get(k) != meta[k]]
+        if differ:
+            held = ", ".join(f"{k} {previous['meta'].get(k)}" for k in differ)
+            print(f"{args.out} holds rows run with other settings ({held}); pass the same ones to add rows, "
+                  "--out for a new table, or --fresh to start this one again", file=sys.stderr)
+            return 2
+        result = previous
+        result["meta"]["seeds"] = sorted(set(previous["meta"].get("seeds", [])) | set(args.seeds))
+    default_seed = result["meta"].get("seed", meta["seed"])
     done = {row_key(r, default_seed) for r in result["rows"]}
     for name in args.models:
         cfg = Config.fromfile(str(CONFIGS[name]))
@@ -500,7 +524,7 @@ def main() -> int:
             result["rows"].append(fp32_row)
             write_outputs(result, args.out)
         for seed in args.seeds:
-            batches = None  # collected on first use: a resumed run may have nothing left for this seed
+            batches: dict[int, list[Any]] = {}  # per frame count, on first use: a resumed run may need none
             for method, w, a in selected_rows(args.rows, args.bits):
                 key = (model_name, method, w, a, seed)
                 if key in done:
@@ -516,10 +540,11 @@ def main() -> int:
                         target.parent.mkdir(parents=True, exist_ok=True)
                         target.write_bytes(source.read_bytes())
                 else:
-                    if batches is None:
-                        batches = collect_batches(float_model, build_calibration_loader(cfg, args.calib_frames, seed))
+                    frames = spec["calib_frames"]
+                    if frames not in batches:
+                        batches[frames] = collect_batches(float_model, build_calibration_loader(cfg, frames, seed))
                     model = build_float_model(cfg, checkpoint)
-                    outcome = quantize_detector(model, batches, recipe_from_dict(spec))
+                    outcome = quantize_detector(model, batches[frames], recipe_from_dict(spec))
                     row = {"model": model_name, "method": method, "w_bits": w, "a_bits": a, "seed": seed,
                            "metric": "mAP", "fp32": fp32_row["value"], "seconds": outcome.seconds, "recipe": spec,
                            "range_search": outcome.report.selection,
