@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import tempfile
 import time
 import traceback
@@ -40,18 +39,15 @@ from typing import Any
 import torch
 
 # the precision-plan benchmark's synthetic pillar model, val frames and per-frame matches (tools/ is on the path)
-from benchmark_precision_plan import CONFIG, MODEL, build_model, evaluate, frames_path
+from benchmark_precision_plan import MODEL, build_model, evaluate, frames_path, pillar_val_loader
 from machine import describe_machine
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
 
 import lidar_ptq.mmdet3d  # noqa: F401  (registries)
 from lidar_ptq.mmdet3d.adapter import DetectorAdapter
 from lidar_ptq.mmdet3d.calibration import build_calibration_loader, collect_batches
-from lidar_ptq.mmdet3d.evaluation import build_test_loader
 from lidar_ptq.mmdet3d.export import DenseNetwork, capture_part_inputs
 from lidar_ptq.mmdet3d.intervals import MatchTable, bootstrap_map_file
-from lidar_ptq.mmdet3d.synthetic import ensure_synthetic_data
 from lidar_ptq.stats import paired_interval, resample_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,11 +232,7 @@ def main() -> int:
     if args.report_only:
         write_outputs(json.loads(args.out.read_text()), args.out)
         return 0
-    logging.basicConfig(level=logging.WARNING)
-    init_default_scope("mmdet3d")
-    cfg = Config.fromfile(str(CONFIG))
-    ensure_synthetic_data(cfg, at_least={"val": args.val_frames})
-    loader = build_test_loader(cfg, args.val_frames)
+    cfg, loader = pillar_val_loader(args.val_frames)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
     if args.note is not None:
         result["meta"] = {**result.get("meta", {}), "environment": args.note}

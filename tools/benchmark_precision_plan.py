@@ -72,6 +72,16 @@ def build_model(cfg: Config) -> torch.nn.Module:
     return build_float_model(cfg, CHECKPOINT)
 
 
+def pillar_val_loader(val_frames: int) -> tuple[Config, Any]:
+    """The synthetic pillar model's config and a loader of its first ``val_frames`` val frames (generated
+    first if the data set has fewer), with mmdet3d's registries in scope."""
+    logging.basicConfig(level=logging.WARNING)
+    init_default_scope("mmdet3d")
+    cfg = Config.fromfile(str(CONFIG))
+    ensure_synthetic_data(cfg, at_least={"val": val_frames})
+    return cfg, build_test_loader(cfg, val_frames)
+
+
 def frames_path(out: Path, name: str) -> Path:
     return out.parent / "frames" / out.stem / f"{name}.npz"
 
@@ -245,11 +255,7 @@ def main() -> int:
     if args.report_only:
         write_outputs(json.loads(args.out.read_text()), args.out)
         return 0
-    logging.basicConfig(level=logging.WARNING)
-    init_default_scope("mmdet3d")
-    cfg = Config.fromfile(str(CONFIG))
-    ensure_synthetic_data(cfg, at_least={"val": args.val_frames})
-    loader = build_test_loader(cfg, args.val_frames)
+    cfg, loader = pillar_val_loader(args.val_frames)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
     result["meta"] = {**result.get("meta", {}), "val_frames": args.val_frames, "calib_frames": args.calib_frames,
                       "recipe": RECIPE, "onnxruntime": ort.__version__, **describe_machine(),
