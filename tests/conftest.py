@@ -1,4 +1,5 @@
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 def import_or_skip(module: str):
@@ -17,3 +19,13 @@ def import_or_skip(module: str):
         if os.environ.get("LIDAR_PTQ_REQUIRE_STACK") == "1":
             raise
         pytest.skip(f"{module} not installed ({err})", allow_module_level=True)
+
+
+def load_tool(name: str = "quantize"):
+    """A script of tools/ as a module (tools/ on sys.path: the scripts import each other and tools/machine.py)."""
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

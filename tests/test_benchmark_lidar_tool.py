@@ -3,11 +3,11 @@ import argparse
 import json
 
 import pytest
-from conftest import import_or_skip
+from conftest import import_or_skip, load_tool
 
 pytestmark = pytest.mark.mmdet3d
 import_or_skip("mmdet3d")
-from test_mmdet3d_ptq import ROOT, load_tool  # noqa: E402
+from test_mmdet3d_ptq import ROOT  # noqa: E402
 
 bench = load_tool("benchmark_lidar")
 ARGS = argparse.Namespace(iterations=40, seed=0, output_loss_every=4, calib_frames=16)

@@ -1,11 +1,7 @@
 """tools/benchmark_scale.py report: linearity, the 256-frame projection and the cost-goal verdicts."""
-import importlib.util
-from pathlib import Path
+from conftest import load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("benchmark_scale_tool", ROOT / "tools" / "benchmark_scale.py")
-scale = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(scale)
+scale = load_tool("benchmark_scale")
 
 
 def rows_for(model, seconds_per_frame, fixed=10.0, frames=(1, 8, 32), quadratic_stage=None):

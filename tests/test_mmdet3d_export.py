@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import import_or_skip
+from conftest import import_or_skip, load_tool
 
 pytestmark = pytest.mark.mmdet3d
 import_or_skip("mmdet3d")
@@ -13,7 +13,6 @@ onnx = import_or_skip("onnx")
 import_or_skip("onnxruntime")
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
-from test_mmdet3d_ptq import load_tool  # noqa: E402
 
 import lidar_ptq  # noqa: E402
 import lidar_ptq.mmdet3d  # noqa: E402,F401

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import import_or_skip
+from conftest import import_or_skip, load_tool
 
 pytestmark = pytest.mark.mmdet3d
 import_or_skip("mmdet3d")
@@ -26,18 +26,6 @@ PILLAR = ROOT / "configs" / "synthetic" / "centerpoint_pillar_synthetic.py"
 VOXEL = ROOT / "configs" / "synthetic" / "centerpoint_voxel_synthetic.py"
 FAST = ["--recipe-options", "recon.iterations=3", "recon.output_loss_every=2", "ranges.rules=[maxmin,lp4]",
         "--calib-frames", "3"]
-
-
-def load_tool(name: str = "quantize"):
-    """A script of tools/ as a module (tools/ on sys.path: tools/export.py imports tools/quantize.py)."""
-    import importlib.util
-    import sys
-    if str(ROOT / "tools") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tools"))
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
