@@ -222,7 +222,7 @@ def run_hard(args: argparse.Namespace) -> int:
         result["rows"] = []
     result["meta"] = {
         "iterations": args.iterations, "calib_samples": args.calib_samples, "seeds": args.seeds,
-        "fp32": result.get("meta", {}).get("fp32", {}), **describe_machine(),
+        "fp32": result.get("meta", {}).get("fp32", {}), **describe_machine(load=False),
         "load_before": result.get("meta", {}).get("load_before", os.getloadavg()[0]),
         "command": f"python tools/benchmark_core.py --task hard --models {' '.join(args.models)} "
                    f"--iterations {args.iterations} --seeds {' '.join(map(str, args.seeds))}",

@@ -100,6 +100,7 @@ def run_one(model_name: str, frames: int, recipe_path: str, options: dict[str, A
     from lidar_ptq.mmdet3d.export import export_detector
     from lidar_ptq.mmdet3d.ptq import load_float_checkpoint, quantize_detector
 
+    load_before = os.getloadavg()[0]  # before this run's own work raises it
     init_default_scope("mmdet3d")
     cfg = Config.fromfile(str(MODEL_CONFIGS[model_name]))
     torch.manual_seed(seed)
@@ -137,7 +138,7 @@ def run_one(model_name: str, frames: int, recipe_path: str, options: dict[str, A
                     "ptq_seconds": round(ptq_seconds, 1), "range_rule": min(result.report.selection,
                                                                             key=result.report.selection.get)
                     if result.report.selection else None,
-                    "load_before": os.getloadavg()[0], "recipe_options": options}}
+                    "load_before": load_before, "recipe_options": options}}
 
 
 # ----- the driver ---------------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python tools/benchmark_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"recipe": args.recipe, "recipe_options": options, "seed": args.seed, "export": args.export,
             "commands": [command.strip()],
-            "machine": describe_machine()["machine"]}
+            "machine": describe_machine(load=False)["machine"]}
     result = {"meta": meta, "rows": [], "runs": []}
     if out.is_file() and not args.fresh:
         result = json.loads(out.read_text())
