@@ -51,3 +51,6 @@ def test_report_renders_every_measured_stage_and_run():
     assert "## nus-pillar (93 quantized layers)" in text
     assert "| range search | 2.0 / 2 / 1100 | 8.0 / 8 / 1400 |" in text
     assert "32 frames not measured" in text and 'Recipe overrides: {"recon.iterations": 4}.' in text
+    assert "Machine: m." in text  # runs that predate the per-run machine line take the file's
+    runs[1]["machine"] = "other"
+    assert "Machine: m; other." in scale.render({"meta": meta, "rows": rows, "runs": runs})

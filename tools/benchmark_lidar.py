@@ -8,13 +8,14 @@ models on the same resamples) and the calibration draws. The stage table compare
 the same way: the paper's chain (sparse max-min -> +grid search of the clipping range -> +TGPL ->
 +adaptive rounding = ``lidar_ptq_paper``) and this package's default without each of its own stages.
 
-Rows (W8A8): maxmin, entropy, percentile, percentile+equalize+bias_correction, brecq, qdrop, the paper's
-chain, lidar_ptq and the variants that measure its own stages; W4A8: maxmin, qdrop, lidar_ptq_paper, lidar_ptq,
-lidar_ptq@64x200; W4A4: maxmin, qdrop, lidar_ptq. Every method sees the same calibration frames and
-reconstruction budget, except a row named ``<method>@<frames>x<iterations>``, which measures what a larger
-budget buys. Rows are appended to the JSON as they finish (a killed run resumes; a table run with other
-settings is refused, not overwritten); the markdown and plots are rewritten from it. Per-frame matches
-(for the intervals) are kept under ``benchmarks/frames/<json stem>/``.
+Rows (W8A8): maxmin, entropy, percentile, percentile+equalize, percentile+equalize+bias_correction, brecq,
+qdrop, the paper's chain, lidar_ptq and the variants that measure its own stages; W4A8: maxmin, qdrop,
+lidar_ptq_paper, lidar_ptq+tgpl+guards, lidar_ptq, lidar_ptq@64x200; W4A4: maxmin, qdrop, lidar_ptq.
+Every method sees the same calibration frames and reconstruction budget, except a row named
+``<method>@<frames>x<iterations>``, which measures what a larger budget buys. Rows are appended to the
+JSON as they finish (a killed run resumes; a table run with other settings is refused, not
+overwritten); the markdown and plots are rewritten from it. Per-frame matches (for the intervals) are
+kept under ``benchmarks/frames/<json stem>/``.
 
     python tools/benchmark_lidar.py [--models pillar voxel] [--val-frames 1000] [--calib-frames 16]
                                     [--iterations 40] [--seeds 0 1 2] [--rows METHOD ...] [--bits w4a8 ...]
@@ -88,11 +89,15 @@ COMPARISONS = [("range search (paper's chain)", "paper:+grid", "paper:maxmin"),
                 "lidar_ptq+tgpl+guards"),
                ("guards (added to the default + TGPL, bias correction)", "lidar_ptq+tgpl+guards+bias_correction",
                 "lidar_ptq+tgpl+bias_correction"),
+               ("input equalization (on percentile calibration)", "percentile+equalize", "percentile"),
+               ("bias correction (on percentile + equalization)", "percentile+equalize+bias_correction",
+                "percentile+equalize"),
                ("package default against the strongest baseline", "lidar_ptq",
                 "percentile+equalize+bias_correction"),
+               ("package default against QDrop", "lidar_ptq", "qdrop"),
                ("64 calibration frames x 200 iterations instead of 16 x 40", "lidar_ptq@64x200", "lidar_ptq")]
-ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize+bias_correction", "brecq",
-                            "qdrop", *VARIANTS)] + \
+ROWS = [(m, 8, 8) for m in ("maxmin", "entropy", "percentile", "percentile+equalize",
+                            "percentile+equalize+bias_correction", "brecq", "qdrop", *VARIANTS)] + \
        [(m, 4, 8) for m in ("maxmin", "qdrop", "lidar_ptq_paper", "lidar_ptq+tgpl+guards", "lidar_ptq",
                             "lidar_ptq@64x200")] + \
        [(m, 4, 4) for m in ("maxmin", "qdrop", "lidar_ptq")]

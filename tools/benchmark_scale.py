@@ -138,7 +138,8 @@ def run_one(model_name: str, frames: int, recipe_path: str, options: dict[str, A
                     "ptq_seconds": round(ptq_seconds, 1), "range_rule": min(result.report.selection,
                                                                             key=result.report.selection.get)
                     if result.report.selection else None,
-                    "load_before": load_before, "recipe_options": options}}
+                    "load_before": load_before, "recipe_options": options,
+                    "machine": describe_machine(load=False)["machine"]}}
 
 
 # ----- the driver ---------------------------------------------------------------------------------------
@@ -182,15 +183,20 @@ def projection(rows: list[dict[str, Any]], model: str, stage: str, frames: int =
     return max(a + b * frames, points[-1][1])
 
 
+def machines(result: dict[str, Any]) -> list[str]:
+    """The machines the runs in the file ran on (a resumed file may hold runs from more than one)."""
+    return sorted({run.get("machine", result["meta"]["machine"]) for run in result["runs"]})
+
+
 def render(result: dict[str, Any]) -> str:
     meta, rows = result["meta"], result["rows"]
     models = [m for m in MODEL_CONFIGS if any(r["model"] == m for r in rows)]
     lines = ["# LiDAR-PTQ cost at full size", "",
              f"Recipe `{meta['recipe']}` (LiDAR-PTQ W8A8, CPU reconstruction budget), seed {meta['seed']}; "
              "recipe overrides, if any, are given per model. "
-             f"Machine: {meta['machine']}. Stock nuScenes models carry seeded random weights (cost does not "
-             "depend on the weights' values); frames: " + "; ".join(sorted({r['frame_source'] for r in result['runs']}))
-             + ".", "",
+             f"Machine: {'; '.join(machines(result))}. Stock nuScenes models carry seeded random weights "
+             "(cost does not depend on the weights' values); frames: "
+             + "; ".join(sorted({r['frame_source'] for r in result['runs']})) + ".", "",
              "Forwards are calls of the whole detector (a pass a hook stops early counts as one). Peak memory is "
              "the process's resident high-water mark during the stage.", "",
              "Commands: " + "; ".join(f"`{c}`" for c in meta["commands"]), ""]
