@@ -202,3 +202,14 @@ def test_a_table_run_with_other_settings_is_refused_and_left_as_it_was(tmp_path,
     assert bench.main() == 2
     assert out.read_text() == before
     assert "iterations 200" in capsys.readouterr().err
+
+
+def test_a_rerun_row_takes_the_place_of_the_row_of_the_same_run():
+    row = lambda method, seed, value: {"model": "m", "method": method, "w_bits": 8, "a_bits": 8,  # noqa: E731
+                                       "seed": seed, "value": value}
+    rows = [row("maxmin", 0, 0.5), row("lidar_ptq", 0, 0.6), row("lidar_ptq", 1, 0.61)]
+    again = bench.put_row(rows, row("lidar_ptq", 0, 0.7), default_seed=0)
+    assert [(r["method"], r["seed"], r["value"]) for r in again] == [("maxmin", 0, 0.5), ("lidar_ptq", 0, 0.7),
+                                                                      ("lidar_ptq", 1, 0.61)]
+    assert bench.put_row(rows, row("lidar_ptq", 2, 0.62), default_seed=0)[-1]["seed"] == 2
+    assert len(rows) == 3  # the list it was given is left as it was

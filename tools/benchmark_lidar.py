@@ -19,7 +19,7 @@ kept under ``benchmarks/frames/<json stem>/``.
 
     python tools/benchmark_lidar.py [--models pillar voxel] [--val-frames 1000] [--calib-frames 16]
                                     [--iterations 40] [--seeds 0 1 2] [--rows METHOD ...] [--bits w4a8 ...]
-                                    [--out benchmarks/lidar.json] [--fresh]
+                                    [--out benchmarks/lidar.json] [--fresh | --again]
     python tools/benchmark_lidar.py --merge a.json b.json   (jobs run in parallel with --out)
     python tools/benchmark_lidar.py --report-only
 Models come from tools/train.py (benchmarks/models/centerpoint_<model>_synthetic.pth).
@@ -184,19 +184,25 @@ def row_key(row: dict[str, Any], default_seed: int) -> tuple[str, str, int, int,
     return row["model"], row["method"], row["w_bits"], row["a_bits"], row.get("seed", default_seed)
 
 
+def put_row(rows: list[dict[str, Any]], row: dict[str, Any], default_seed: int) -> list[dict[str, Any]]:
+    """``rows`` with ``row`` in place of the row of the same run, or appended (one row per run)."""
+    key = row_key(row, default_seed)
+    at = next((i for i, r in enumerate(rows) if row_key(r, default_seed) == key), len(rows))
+    return [*rows[:at], row, *rows[at + 1:]]
+
+
 def merge_results(result: dict[str, Any], files: list[Path]) -> dict[str, Any]:
     """``result`` with the rows of ``files`` in place of the rows they rerun (same model, method, bits, seed).
 
     Files must share the settings (frames, iterations, ...); the seed may differ, since every merged row is
     stamped with the seed it ran with. FP32 does not depend on the seed: a model's first FP32 row stays."""
-    key = lambda r: row_key(r, result["meta"].get("seed", 0))  # noqa: E731
+    default_seed = result["meta"].get("seed", 0)
     for path in files:
         other = json.loads(path.read_text())
         differ = [k for k in SETTINGS if other["meta"].get(k) != result["meta"].get(k)]
         if differ:
             raise ValueError(f"{path} ran with other settings ({', '.join(differ)}); rerun it with the same "
                              "--val-frames/--calib-frames/--iterations/--output-loss-every")
-        index = {key(r): i for i, r in enumerate(result["rows"])}
         fp32_models = {r["model"] for r in result["rows"] if r["method"] == "fp32"}
         for row in other["rows"]:
             if row["method"] == "fp32":
@@ -205,10 +211,7 @@ def merge_results(result: dict[str, Any], files: list[Path]) -> dict[str, Any]:
                 fp32_models.add(row["model"])
             else:
                 row = {**row, "seed": row.get("seed", other["meta"].get("seed", 0))}
-            if key(row) in index:
-                result["rows"][index[key(row)]] = row
-            else:
-                result["rows"].append(row)
+            result["rows"] = put_row(result["rows"], row, default_seed)
     return result
 
 
@@ -477,6 +480,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the results JSON (the default one also "
                         "writes the README's results table)")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--again", action="store_true", help="run the selected rows again and replace them (e.g. "
+                        "on a machine without their per-frame matches, or to check that a draw reproduces)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown/plots from the JSON")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="put the rows of these result files (e.g. jobs run in parallel with --out) into --out, "
@@ -532,10 +537,11 @@ def main() -> int:
             batches: dict[int, list[Any]] = {}  # per frame count, on first use: a resumed run may need none
             for method, w, a in selected_rows(args.rows, args.bits):
                 key = (model_name, method, w, a, seed)
-                if key in done:
+                if key in done and not args.again:
                     continue
                 spec = recipe_spec(method, w, a, args, seed)
-                same = [r for r in result["rows"] if r["model"] == model_name and r["method"] != method
+                same = [] if args.again else \
+                    [r for r in result["rows"] if r["model"] == model_name and r["method"] != method
                         and (r["w_bits"], r["a_bits"]) == (w, a) and r.get("seed", default_seed) == seed
                         and same_recipe(r.get("recipe", {}), spec)]
                 if same:  # a row whose recipe another row already ran (same draw): not run twice
@@ -559,7 +565,7 @@ def main() -> int:
                     metrics = evaluate_row(model, loader, cfg, row, args.out)
                     row.update(value=metrics["det/mAP"],
                                per_class={c: metrics[f"det/AP_{c}"] for c in ("car", "pedestrian", "bicycle")})
-                result["rows"].append(row)
+                result["rows"] = put_row(result["rows"], row, default_seed)
                 done.add(key)
                 write_outputs(result, args.out)
                 print(f"{row['model']} {method} W{w}A{a} draw {seed}: mAP {100 * row['value']:.2f} (fp32 "
