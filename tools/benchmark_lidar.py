@@ -109,6 +109,7 @@ README = ROOT / "README.md"
 README_BEGIN, README_END = "<!-- lidar-results:begin -->", "<!-- lidar-results:end -->"
 README_ROWS = {  # the README's results table: which rows, under which name
     ("paper:maxmin", 8, 8): "sparse max-min (the paper's first stage)",
+    ("qdrop", 8, 8): "QDrop",
     ("lidar_ptq_paper", 8, 8): "the paper's recipe (`lidar_ptq_paper`: + range search, TGPL, AdaRound)",
     ("lidar_ptq", 8, 8): "**default LiDAR-PTQ** (sparse calibration, task-guided range search, input "
                             "equalization, AdaRound)",
