@@ -159,14 +159,16 @@ def test_earlier_rows_show_until_a_full_row_replaces_them_and_the_readme_table_f
                 "fp32": 0.74, "seconds": 1.0, **extra}
     earlier = [row(m, 0.70 + 0.01 * s, seed=s, val_frames=100, calib_frames=16, iterations=40)
                for m in ("qdrop", "lidar_ptq") for s in (0, 1)]
-    result = {"meta": {"note": "n", "seeds": [0, 1]}, bench.EARLIER: earlier,
+    earlier.append(row("lidar_ptq", 0.69, val_frames=100, calib_frames=64, iterations=200))
+    result = {"meta": {"note": "n", "seeds": [0, 1], "calib_frames": 16, "iterations": 40}, bench.EARLIER: earlier,
               "rows": [{**row("fp32", 0.7338), "w_bits": 32, "a_bits": 32}, row("lidar_ptq", 0.7321),
                        row("lidar_ptq", 0.7301, seed=1)],
               "intervals": {f"{model}|lidar_ptq|W8A8": {"delta": -0.27, "low": -0.62, "high": 0.22,
                                                         "resolved": False}}}
     table = "\n".join(bench.earlier_table(result, model))
     assert "| qdrop | 8/8 | 100 | 16 x 40 | 70.00 / 71.00 | 70.50 +- 0.71 | -3.50 (no interval) |" in table
-    assert "lidar_ptq" not in table  # measured in full: the earlier rows give way
+    assert "| lidar_ptq | 8/8 | 100 | 16 x" not in table  # measured in full: the earlier rows give way
+    assert "| lidar_ptq | 8/8 | 100 | 64 x 200 | 69.00 |" in table  # another budget: no full row yet
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{bench.README_BEGIN}\nold\n{bench.README_END}\nafter\n")
     bench.update_readme(result, readme)

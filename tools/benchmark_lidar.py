@@ -359,11 +359,20 @@ def range_rule_cell(scores: dict[str, float] | None) -> str:
 
 
 def earlier_table(result: dict[str, Any], model: str) -> list[str]:
-    """Markdown rows of the rows measured on fewer val frames whose method and bits have no full row yet."""
-    full = {(r["method"], r["w_bits"], r["a_bits"]) for r in result["rows"] if r["model"] == model}
+    """Markdown rows of the rows measured on fewer val frames whose method, bits and calibration budget
+    (frames x iterations) have no full row yet."""
+    meta = result["meta"]
+
+    def budget(row: dict[str, Any]) -> tuple[Any, Any]:
+        recipe = row.get("recipe", {})
+        return (recipe.get("calib_frames", meta.get("calib_frames")),
+                recipe.get("recon", {}).get("iterations", meta.get("iterations")))
+    full = {(r["method"].split(BUDGET_MARK)[0], r["w_bits"], r["a_bits"], *budget(r))
+            for r in result["rows"] if r["model"] == model}
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in result.get(EARLIER, []):
-        if row["model"] == model and (row["method"], row["w_bits"], row["a_bits"]) not in full:
+        measured = (row["method"], row["w_bits"], row["a_bits"], row["calib_frames"], row["iterations"])
+        if row["model"] == model and measured not in full:
             key = (row["method"], row["w_bits"], row["a_bits"], row["val_frames"], row["calib_frames"],
                    row["iterations"])
             groups.setdefault(key, []).append(row)
