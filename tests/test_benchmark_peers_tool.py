@@ -25,3 +25,11 @@ def test_report_keeps_intervals_whose_matches_are_not_on_disk(tmp_path):
     text = out.with_suffix(".md").read_text()
     assert "| modelopt | 0.47.0 | 69.32 | -4.22 [-4.69, -3.77] | - | 10 |" in text
     assert "| aimet_quantsim | 2.42 | did not run: ImportError: no aimet |" in text
+
+
+def test_command_of_a_resumed_table_names_every_peer_in_it():
+    args = peers.argparse.Namespace(peers=["aimet_adaround"], seeds=[0, 1, 2], val_frames=1000)
+    rows = [{"peer": "aimet_quantsim"}, {"peer": "modelopt"}]
+    assert peers.table_command(rows, args) == ("python tools/benchmark_peers.py --peers modelopt aimet_quantsim "
+                                               "aimet_adaround --seeds 0 1 2 --val-frames 1000")
+    assert "--peers aimet_adaround --seeds" in peers.table_command([], args)

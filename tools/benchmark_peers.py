@@ -218,6 +218,13 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def table_command(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The command that gives the whole table: a run that adds one peer to a resumed file names the others too."""
+    peers = [p for p in PEERS if p in args.peers or any(r["peer"] == p for r in rows)]
+    return (f"python tools/benchmark_peers.py --peers {' '.join(peers)} --seeds {' '.join(map(str, args.seeds))} "
+            f"--val-frames {args.val_frames}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
@@ -240,8 +247,7 @@ def main() -> int:
     result["meta"] = {**result.get("meta", {}), "val_frames": args.val_frames, "calib_frames": args.calib_frames,
                       "seeds": args.seeds, "adaround_iterations": args.adaround_iterations,
                       **describe_machine(),
-                      "command": f"python tools/benchmark_peers.py --peers {' '.join(args.peers)} "
-                                 f"--seeds {' '.join(map(str, args.seeds))} --val-frames {args.val_frames}",
+                      "command": table_command(result["rows"], args),
                       "note": ("Synthetic CenterPoint-Pillar; each peer quantizes the dense network (backbone, "
                                "neck, head) W8A8 with its own default and leaves the pillar encoder float (the "
                                "LiDAR-PTQ rows quantize it too); "
